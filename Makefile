@@ -1,0 +1,27 @@
+# The two commands the README starts with: `make demo` and `make test`. Both set up .venv first when needed.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test bench clean
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11'"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m cdl_core.run --teacher demo-t --student demo-s --method coda --kd cdl_prompt --dataset fashion_mnist --epochs 1 --batch-size 16 --out outputs/demo.json
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) bench/step_throughput.py
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,62 @@
+"""Teacher alone vs student alone vs student + KD methods, over several seeds: mean and std of final average
+accuracy and forgetting (test split, %).
+
+Each seed trains the teacher once (sequential schedule, per-task checkpoints in a temp dir) and reuses it for
+every KD method, so all students of a seed learn from the same teacher.
+
+    python bench/kd_comparison.py --method coda --seeds 0 1 2 --epochs 1
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import tempfile
+from collections import defaultdict
+
+from cdl_core.config import BackboneConfig, DataConfig, DistillConfig, PromptConfig, RunConfig, TrainConfig
+from cdl_core.learner import ContinualRun
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", default="coda", help="prompt method (l2p, dualprompt, coda)")
+    parser.add_argument("--teacher", default="demo-t")
+    parser.add_argument("--student", default="demo-s")
+    parser.add_argument("--dataset", default="fashion_mnist")
+    parser.add_argument("--kd", nargs="+", default=["kd", "cdl_prompt"], help="KD methods to compare")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=1)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    scores: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for seed in args.seeds:
+        base = RunConfig(
+            data=DataConfig(name=args.dataset), student=BackboneConfig(args.student),
+            prompt=PromptConfig(args.method), train=TrainConfig(epochs=args.epochs, seed=seed),
+        )
+        alone = ContinualRun(base).run()["summary"]
+        scores[f"student alone ({args.student})"].append((alone["student_test_final_avg_acc"], alone["student_test_forgetting"]))
+        with tempfile.TemporaryDirectory() as teacher_dir:
+            for kd in args.kd:
+                cfg = RunConfig.from_dict(base.to_dict() | {"teacher": {"preset": args.teacher}, "distill": DistillConfig(kd).__dict__})
+                summary = ContinualRun(cfg, teacher_dir=teacher_dir).run()["summary"]
+                if kd == args.kd[0]:
+                    scores[f"teacher ({args.teacher})"].append((summary["teacher_test_final_avg_acc"], summary["teacher_test_forgetting"]))
+                scores[f"student + {kd}"].append((summary["student_test_final_avg_acc"], summary["student_test_forgetting"]))
+        print(f"seed {seed} done: " + ", ".join(f"{k} {v[-1][0]:.1f}" for k, v in scores.items()), flush=True)
+
+    def mean_std(values: list[float]) -> str:
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):6.2f} ± {std:5.2f}"
+
+    print(f"\n{args.method} on {args.dataset}, {args.epochs} epoch(s)/task, seeds {args.seeds}")
+    print(f"| {'model':<28} | {'final avg acc':>15} | {'forgetting':>15} |")
+    print(f"|{'-' * 30}|{'-' * 17}|{'-' * 17}|")
+    for name, rows in scores.items():
+        print(f"| {name:<28} | {mean_std([a for a, _ in rows]):>15} | {mean_std([f for _, f in rows]):>15} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""Frozen timm Vision Transformers with prefix-tuning attention.
+
+A preset names a timm architecture plus where its weights come from. Paper presets load timm's default
+pretrained tags from the hub (or from a local state-dict file through timm's own `pretrained_cfg_overlay`);
+demo presets are small CPU-sized ViTs whose weights come from `cdl_core.pretrain` (offline, cached).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cdl_core.config import BackboneConfig, ConfigError
+
+log = logging.getLogger(__name__)
+
+Prefix = tuple[torch.Tensor, torch.Tensor]  # (key tokens, value tokens), each (B or 1, L, D)
+
+
+@dataclass(frozen=True)
+class BackbonePreset:
+    name: str
+    timm_name: str
+    weights_source: Literal["hub", "demo_pretrain"]
+    model_kwargs: dict = field(default_factory=dict)
+
+
+PRESETS: dict[str, BackbonePreset] = {}
+
+
+def register_preset(preset: BackbonePreset) -> BackbonePreset:
+    PRESETS[preset.name] = preset
+    return preset
+
+
+# The paper's backbones: timm's default tags (ImageNet-21k pretrained, fine-tuned on 1k).
+for _size in ("large", "base", "small", "tiny"):
+    register_preset(BackbonePreset(f"vit_{_size}_patch16_224", f"vit_{_size}_patch16_224", "hub"))
+
+# CPU demo sizes: 32 px, patch 4, head width 32. Like ViT-B -> ViT-S, teacher and student share the depth
+# (6, so every official prompt layer 0-4 exists) and differ in width.
+_DEMO = dict(img_size=32, patch_size=4, depth=6)
+register_preset(BackbonePreset("demo-t", "vit_tiny_patch16_224", "demo_pretrain", dict(_DEMO, embed_dim=128, num_heads=4)))
+register_preset(BackbonePreset("demo-s", "vit_tiny_patch16_224", "demo_pretrain", dict(_DEMO, embed_dim=64, num_heads=2)))
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights could not be obtained (offline hub, bad file)."""
+
+
+class FrozenViT(nn.Module):
+    """A frozen timm ViT whose blocks accept prefix prompts.
+
+    `query` gives the [CLS] output of a prompt-free pass (the prompt-selection query); `forward` gives the
+    [CLS] output with prompts prepended to the keys/values of the listed layers.
+    """
+
+    def __init__(self, vit: nn.Module, preset: BackbonePreset, weights: str, weights_sha256: str) -> None:
+        super().__init__()
+        self.vit = vit
+        self.preset = preset
+        self.weights = weights
+        self.weights_sha256 = weights_sha256
+        self.vit.requires_grad_(False)
+        self.vit.eval()
+        data_cfg = vit.pretrained_cfg
+        self.mean: tuple[float, float, float] = tuple(data_cfg.get("mean", (0.5, 0.5, 0.5)))
+        self.std: tuple[float, float, float] = tuple(data_cfg.get("std", (0.5, 0.5, 0.5)))
+        for block in vit.blocks:
+            if getattr(block.attn, "gate", None) is not None:
+                raise ConfigError(f"{preset.name}: gated attention is not supported by prefix prompts")
+
+    @property
+    def embed_dim(self) -> int:
+        return self.vit.embed_dim
+
+    @property
+    def depth(self) -> int:
+        return len(self.vit.blocks)
+
+    @property
+    def num_heads(self) -> int:
+        return self.vit.blocks[0].attn.num_heads
+
+    @property
+    def image_size(self) -> int:
+        return self.vit.patch_embed.img_size[0]
+
+    def train(self, mode: bool = True) -> "FrozenViT":
+        # Frozen: dropout/drop-path stay off whatever mode the owning model is in.
+        return super().train(False)
+
+    @torch.no_grad()
+    def query(self, images: torch.Tensor) -> torch.Tensor:
+        """[CLS] feature of the frozen, prompt-free pass. no_grad (not inference_mode): the result feeds
+        prompt selection, whose parameters need it saved for backward."""
+        return self.vit.forward_features(images)[:, 0]
+
+    def forward(self, images: torch.Tensor, prefixes: dict[int, Prefix] | None = None) -> torch.Tensor:
+        if not prefixes:
+            return self.vit.forward_features(images)[:, 0]
+        vit = self.vit
+        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
+        for index, block in enumerate(vit.blocks):
+            prefix = prefixes.get(index)
+            if prefix is None:
+                x = block(x)
+                continue
+            x = x + block.drop_path1(block.ls1(prefix_attention(block.attn, block.norm1(x), prefix)))
+            x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        return vit.norm(x)[:, 0]
+
+
+def prefix_attention(attn: nn.Module, x: torch.Tensor, prefix: Prefix) -> torch.Tensor:
+    """timm `Attention` with prefix key/value tokens prepended (queries unchanged), via SDPA."""
+    batch, tokens, dim = x.shape
+    heads, head_dim = attn.num_heads, attn.head_dim
+    q, k, v = attn.qkv(x).reshape(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    prefix_k, prefix_v = (p.expand(batch, -1, -1).reshape(batch, -1, heads, head_dim).transpose(1, 2) for p in prefix)
+    k = torch.cat((prefix_k, k), dim=2)
+    v = torch.cat((prefix_v, v), dim=2)
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    out = attn.norm(out.transpose(1, 2).reshape(batch, tokens, heads * head_dim))
+    return attn.proj_drop(attn.proj(out))
+
+
+def state_dict_sha256(module: nn.Module) -> str:
+    """Hash of a module's weights, recorded with every run (DESIGN.md section 4: which weights were used)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def create_backbone(cfg: BackboneConfig) -> FrozenViT:
+    """Build the frozen ViT for `cfg` (preset + weights source) through `timm.create_model`."""
+    if cfg.preset not in PRESETS:
+        raise ConfigError(f"unknown backbone preset {cfg.preset!r}; valid presets: {', '.join(sorted(PRESETS))}")
+    preset = PRESETS[cfg.preset]
+    weights = cfg.weights
+    if weights == "default" and preset.weights_source == "demo_pretrain":
+        from cdl_core.pretrain import ensure_demo_weights
+
+        weights = str(ensure_demo_weights(preset.name))
+    kwargs = dict(preset.model_kwargs, num_classes=0)
+    if weights == "random":
+        # Random weights are a fixed weights source too: seeded by the preset, whatever the global RNG state.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int.from_bytes(hashlib.sha256(preset.name.encode()).digest()[:4], "little"))
+            vit = timm.create_model(preset.timm_name, pretrained=False, **kwargs)
+    elif weights == "default":
+        try:
+            vit = timm.create_model(preset.timm_name, pretrained=True, **kwargs)
+        except Exception as err:  # hub unreachable, offline, missing cache
+            raise WeightsUnavailableError(
+                f"could not load pretrained weights for {preset.name} from the Hugging Face hub ({type(err).__name__}); "
+                "when offline set the backbone's weights to a local state-dict file (e.g. --student-weights PATH) or 'random'"
+            ) from err
+    else:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise WeightsUnavailableError(f"weights file {path} does not exist; give a saved state-dict file")
+        vit = timm.create_model(preset.timm_name, pretrained=False, **kwargs)
+        try:
+            state = timm.models.load_state_dict(str(path))
+        except Exception as err:
+            raise WeightsUnavailableError(f"weights file {path} could not be read as a state dict ({type(err).__name__}: {err})") from err
+        # Strict load (timm's pretrained path is lenient without a head): a file missing blocks must not
+        # silently leave them random while the run records the file as its weights.
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        try:
+            missing, unexpected = vit.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # shape mismatches raise even when not strict
+            lines = str(err).splitlines()
+            mismatch = next((line.strip() for line in lines if "size mismatch" in line), lines[0])
+            raise WeightsUnavailableError(f"weights file {path} does not fit preset {preset.name}: {mismatch}") from err
+        if missing or unexpected:
+            raise WeightsUnavailableError(
+                f"weights file {path} does not fit preset {preset.name}: missing {missing[:4]}, unexpected {unexpected[:4]}"
+            )
+    sha = state_dict_sha256(vit)
+    log.info("backbone %s weights=%s sha256=%s", preset.name, weights, sha[:12])
+    return FrozenViT(vit, preset, weights, sha)

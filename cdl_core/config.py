@@ -1,0 +1,241 @@
+"""Typed, self-validating run configuration.
+
+One `RunConfig` describes one run completely. It serialises to a plain dict (`to_dict`) and back
+(`RunConfig.from_dict`), which is what the orchestrator passes around and what `cdl_core.run --config`
+reads. Every choice that changes results (class order, test-time prompt selection, weights source, ...)
+is an explicit field here so that it is logged with the run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message says which field and how to fix it."""
+
+
+def _one_of(name: str, value: Any, valid: tuple | list) -> None:
+    if value not in valid:
+        raise ConfigError(f"{name}={value!r} is not valid; choose one of: {', '.join(map(str, valid))}")
+
+
+@dataclass
+class DataConfig:
+    """Which class-incremental stream to build and how."""
+
+    name: str = "fashion_mnist"
+    root: str | None = None  # None: the dataset's default locations (see cdl_core.data)
+    n_tasks: int | None = None  # None: the dataset's protocol default (cifar100/imagenet_r 10, fashion_mnist 5)
+    class_order: Literal["sorted", "shuffled"] = "sorted"
+    class_order_seed: int = 0
+    train_per_class: int | None = None  # None: dataset default (fashion_mnist 600, others all)
+    test_per_class: int | None = None  # None: dataset default (fashion_mnist 200, others all)
+    val_fraction: float = 0.1  # carved from each task's training data; tuning reads this, never test
+    split_seed: int = 0
+    train_augment: bool = True  # RandomResizedCrop + horizontal flip
+    crop_scale_min: float = 0.08
+    download: bool = False  # let torchvision download cifar100/fashion_mnist when online
+
+    def validate(self) -> None:
+        from cdl_core.data import DATASETS
+
+        _one_of("data.name", self.name, sorted(DATASETS))
+        _one_of("data.class_order", self.class_order, ("sorted", "shuffled"))
+        if self.n_tasks is not None and self.n_tasks < 1:
+            raise ConfigError(f"data.n_tasks={self.n_tasks} must be at least 1")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction={self.val_fraction} must be in [0, 1)")
+        for name in ("train_per_class", "test_per_class"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"data.{name}={value} must be a positive number of images (or null for all)")
+        if not 0.0 < self.crop_scale_min <= 1.0:
+            raise ConfigError(f"data.crop_scale_min={self.crop_scale_min} must be in (0, 1]")
+
+
+@dataclass
+class BackboneConfig:
+    """A frozen ViT: a preset name from `cdl_core.backbones.PRESETS` and where its weights come from."""
+
+    preset: str = "demo-s"
+    # "default": the preset's own source (timm hub for paper presets, cached offline pretraining for demo
+    # presets); "random": no pretrained weights; anything else: path to a local state-dict file.
+    weights: str = "default"
+
+    def validate(self, role: str) -> None:
+        from cdl_core.backbones import PRESETS
+
+        _one_of(f"{role}.preset", self.preset, sorted(PRESETS))
+        if self.weights not in ("default", "random") and not Path(self.weights).expanduser().is_file():
+            raise ConfigError(
+                f"{role}.weights={self.weights!r}: no such file; give a state-dict file, 'default' or 'random'"
+            )
+
+
+@dataclass
+class PromptConfig:
+    """Prompt method and its parameters; `params` overrides the method's official defaults."""
+
+    method: str = "coda"
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        from cdl_core.prompts import PROMPT_METHODS
+
+        _one_of("prompt.method", self.method, sorted(PROMPT_METHODS))
+        PROMPT_METHODS[self.method].resolve_params(self.params)
+
+
+@dataclass
+class DistillConfig:
+    """How the student learns from the teacher. `method="none"` trains the student alone."""
+
+    method: str = "none"
+    schedule: Literal["sequential", "joint"] = "sequential"
+    alpha: float = 0.5  # weight of the distillation term; CE gets (1 - alpha)
+    temperature: float = 2.0
+    params: dict[str, Any] = field(default_factory=dict)  # method-specific, e.g. dkd's weights
+
+    def validate(self) -> None:
+        from cdl_core.distill import KD_METHODS
+
+        _one_of("distill.method", self.method, sorted(KD_METHODS))
+        _one_of("distill.schedule", self.schedule, ("sequential", "joint"))
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"distill.alpha={self.alpha} must be in [0, 1]")
+        if self.temperature <= 0:
+            raise ConfigError(f"distill.temperature={self.temperature} must be positive")
+        KD_METHODS[self.method].resolve_params(self.params)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, identical for every task (a fresh optimizer is made per task)."""
+
+    epochs: int = 1
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_workers: int = 0
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"train.epochs={self.epochs} must be at least 1")
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ConfigError("train.batch_size and train.eval_batch_size must be at least 1")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr={self.lr} must be positive")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"train.betas={self.betas} must be two numbers in [0, 1)")
+        if self.weight_decay < 0:
+            raise ConfigError(f"train.weight_decay={self.weight_decay} must be >= 0")
+        _one_of("train.lr_schedule", self.lr_schedule, ("cosine", "constant"))
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"train.device={self.device!r} is not valid; use auto, cpu, cuda or cuda:N")
+        if self.num_workers < 0:
+            raise ConfigError(f"train.num_workers={self.num_workers} must be >= 0")
+
+
+@dataclass
+class RunConfig:
+    """One run: a student (and optionally a teacher) learning one task stream with one prompt method.
+
+    Without a teacher, the student is simply the continual learner (this is also how a teacher is trained).
+    """
+
+    data: DataConfig = field(default_factory=DataConfig)
+    student: BackboneConfig = field(default_factory=BackboneConfig)
+    teacher: BackboneConfig | None = None
+    # Backbone whose prompt-free [CLS] output is the prompt-selection query. "student": the student-size
+    # backbone serves both models (official CDL code; one query pass per batch). "own": each model queries
+    # with its own backbone (plain L2P/DualPrompt/CODA).
+    query: Literal["student", "own"] = "student"
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "RunConfig":
+        self.data.validate()
+        self.student.validate("student")
+        if self.teacher is not None:
+            self.teacher.validate("teacher")
+        _one_of("query", self.query, ("student", "own"))
+        self.prompt.validate()
+        self.distill.validate()
+        self.train.validate()
+        if self.distill.method != "none" and self.teacher is None:
+            raise ConfigError(
+                f"distill.method={self.distill.method!r} needs a teacher; set teacher.preset (e.g. --teacher demo-t) "
+                "or use distill.method='none'"
+            )
+        from cdl_core.distill import KD_METHODS
+
+        if KD_METHODS[self.distill.method].needs_teacher_prompts and self.prompt.method == "none":
+            raise ConfigError(
+                f"distill.method={self.distill.method!r} maps the teacher's prompts, but prompt.method='none' has "
+                "none; choose l2p, dualprompt or coda"
+            )
+        return self
+
+    # -- serialisation -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "RunConfig":
+        return _build(cls, raw, "config").validate()
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "RunConfig":
+        try:
+            raw = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"config file {path} is not valid JSON: {err}") from None
+        return cls.from_dict(raw)
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    """Build dataclass `cls` from a dict, rejecting unknown keys with the list of valid ones."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(raw).__name__}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; valid fields: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in raw.items():
+        kwargs[name] = _coerce(hints[name], value, f"{where}.{name}" if where != "config" else name)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    origin = get_origin(hint)
+    args = get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if origin is not None and type(None) in args:  # Optional[X]
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return tuple(float(v) if args and args[0] is float else v for v in value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not isinstance(value, hint):
+        raise ConfigError(f"{where} must be {hint.__name__}, got {value!r}")
+    return value

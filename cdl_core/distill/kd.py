@@ -1,0 +1,17 @@
+"""`kd`: Hinton logit distillation on the student's own head, no prompt mapping."""
+from __future__ import annotations
+
+import torch
+
+from cdl_core.distill.base import KDMethod, TaskClasses, register_kd_method
+from cdl_core.distill.losses import current_task_cross_entropy, logit_kd
+
+
+@register_kd_method
+class LogitKD(KDMethod):
+    name = "kd"
+
+    def loss(self, features, logits, teacher_logits, targets: torch.Tensor, classes: TaskClasses) -> torch.Tensor:
+        a, current = self.cfg.alpha, slice(classes.past, classes.seen)
+        soft = logit_kd(logits[:, current], teacher_logits[:, current], self.cfg.temperature)
+        return (1 - a) * current_task_cross_entropy(logits, targets, classes) + a * soft

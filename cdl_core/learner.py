@@ -1,0 +1,346 @@
+"""Trains a student (and its teacher, if any) over a class-incremental task stream, task by task.
+
+Randomness is split by phase: each (role, task) phase seeds torch from (seed, role, task), so a student's
+results do not depend on whether its teacher was trained in this process or loaded from checkpoints.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import timm
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from cdl_core import metrics
+from cdl_core.backbones import FrozenViT, create_backbone
+from cdl_core.checkpoints import TeacherCheckpoints
+from cdl_core.config import BackboneConfig, ConfigError, RunConfig
+from cdl_core.data import ClassIncrementalStream, TaskSplit, build_stream
+from cdl_core.distill import KDContext, TaskClasses, build_kd_method
+from cdl_core.distill.losses import current_task_cross_entropy
+from cdl_core.model import ContinualModel
+from cdl_core.pretrain import check_stream_disjoint
+from cdl_core.prompts import build_prompt_method
+
+log = logging.getLogger(__name__)
+
+ROLES = ("student", "teacher")
+
+
+def derive_seed(*parts: Any) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r} but no CUDA GPU is visible; use train.device=cpu or auto")
+    return torch.device(name)
+
+
+@dataclass
+class TaskReport:
+    """What one finished task adds: accuracy rows R[t][0..t] per role and split, and summaries so far."""
+
+    task_id: int
+    rows: dict[str, dict[str, list[float]]]  # role -> split ("test"/"val") -> accuracies on tasks 0..t
+    summary: dict[str, float]  # e.g. student_test_avg_acc, student_val_forgetting, teacher_test_avg_acc
+    seconds: dict[str, float]
+
+
+@dataclass
+class RunState:
+    """Accuracy matrices per role and split, filled row by row."""
+
+    matrices: dict[str, dict[str, list[list[float]]]] = field(default_factory=dict)
+
+    def add(self, role: str, split: str, row: list[float]) -> None:
+        self.matrices.setdefault(role, {}).setdefault(split, []).append(row)
+
+
+class ContinualRun:
+    def __init__(
+        self, cfg: RunConfig, teacher_dir: str | Path | None = None, require_teacher: bool = False,
+        stream: ClassIncrementalStream | None = None,
+    ) -> None:
+        self.cfg = cfg.validate()
+        if teacher_dir is not None and (cfg.teacher is None or cfg.distill.schedule != "sequential"):
+            raise ConfigError("teacher checkpoints need a teacher and distill.schedule='sequential' (a joint teacher trains with its student)")
+        if teacher_dir is not None and not str(teacher_dir).strip():
+            raise ConfigError("the teacher checkpoint directory is empty; give a directory path")
+        if require_teacher and teacher_dir is None:
+            raise ConfigError("require_teacher needs a teacher checkpoint directory")
+        check_stream_disjoint(cfg)
+        self.device = resolve_device(cfg.train.device)
+        self.student_backbone = create_backbone(cfg.student).to(self.device)
+        self.teacher_backbone = create_backbone(cfg.teacher).to(self.device) if cfg.teacher else None
+        if self.teacher_backbone is not None:
+            for attr in ("image_size", "mean", "std"):
+                if getattr(self.teacher_backbone, attr) != getattr(self.student_backbone, attr):
+                    raise ConfigError(
+                        f"teacher {cfg.teacher.preset} and student {cfg.student.preset} differ in {attr}; pick presets with the same input"
+                    )
+        sb = self.student_backbone
+        self.stream = stream or build_stream(cfg.data, sb.image_size, sb.mean, sb.std)
+        self.teacher_store = (
+            TeacherCheckpoints(teacher_dir, self.teacher_identity()) if teacher_dir is not None else None
+        )
+        self.require_teacher = require_teacher
+        self.teacher = self._build_model("teacher") if cfg.teacher else None
+        self.student = self._build_model("student")
+        self.state = RunState()
+        self.completed_tasks = 0
+
+    # -- construction ---------------------------------------------------------------------------------
+    def _query_backbone(self, role: str) -> FrozenViT:
+        if role == "teacher" and self.cfg.query == "own":
+            return self.teacher_backbone
+        return self.student_backbone
+
+    def _build_model(self, role: str) -> ContinualModel:
+        torch.manual_seed(derive_seed(self.cfg.train.seed, role, "init"))
+        backbone = self.teacher_backbone if role == "teacher" else self.student_backbone
+        n_tasks, n_classes = self.stream.n_tasks, self.stream.n_classes
+        prompt = build_prompt_method(
+            self.cfg.prompt.method, self.cfg.prompt.params, backbone.embed_dim,
+            self._query_backbone(role).embed_dim, n_tasks, backbone.depth,
+        )
+        kd = None
+        if role == "student" and self.teacher is not None:
+            ctx = KDContext(
+                student_dim=backbone.embed_dim, teacher_dim=self.teacher_backbone.embed_dim, n_classes=n_classes,
+                n_tasks=n_tasks, prompt_method=self.cfg.prompt.method, prompt_params=prompt.params,
+                teacher_prompt_layers=self.teacher.prompt.layers,
+            )
+            kd = build_kd_method(self.cfg.distill, ctx)
+        return ContinualModel(backbone, prompt, n_classes, kd).to(self.device)
+
+    def teacher_identity(self) -> dict[str, Any]:
+        """Everything the teacher's training depends on (sequential schedule): checked when reusing it."""
+        cfg = self.cfg
+        return {
+            "teacher": dict(preset=cfg.teacher.preset, weights_sha256=self.teacher_backbone.weights_sha256),
+            "query": cfg.query,
+            "query_backbone": None if cfg.query == "own" else dict(preset=cfg.student.preset, weights_sha256=self.student_backbone.weights_sha256),
+            "prompt": cfg.prompt.__dict__ | {"params": dict(cfg.prompt.params)},
+            "data": self.stream.describe(),
+            "train": {k: v for k, v in cfg.train.__dict__.items() if k not in ("device", "num_workers", "eval_batch_size")},
+            "trainer_version": TRAINER_VERSION,
+        }
+
+    # -- running ----------------------------------------------------------------------------------------
+    @property
+    def n_tasks(self) -> int:
+        return self.stream.n_tasks
+
+    def run(self, on_task: Callable[[TaskReport], None] | None = None) -> dict[str, Any]:
+        while self.completed_tasks < self.n_tasks:
+            report = self.run_task()
+            if on_task is not None:
+                on_task(report)
+        return self.results()
+
+    def run_task(self) -> TaskReport:
+        t = self.completed_tasks
+        task = self.stream.tasks[t]
+        seconds: dict[str, float] = {}
+        start = time.perf_counter()
+        teacher_rows = None
+        if self.teacher is not None and self.cfg.distill.schedule == "sequential":
+            teacher_rows = self._teacher_task(task)
+            seconds["teacher"] = time.perf_counter() - start
+        mid = time.perf_counter()
+        self._train_phase("student", task)
+        if self.teacher is not None and self.cfg.distill.schedule == "joint":
+            teacher_rows = self._evaluate_splits("teacher", t)
+        seconds["student"] = time.perf_counter() - mid
+        rows = {"student": self._evaluate_splits("student", t)}
+        if teacher_rows is not None:
+            rows["teacher"] = teacher_rows
+        for role, by_split in rows.items():
+            for split, row in by_split.items():
+                self.state.add(role, split, row)
+        self.completed_tasks += 1
+        seconds["total"] = time.perf_counter() - start
+        report = TaskReport(t, rows, self.summary(), seconds)
+        log.info("task %d/%d done in %.1fs: %s", t + 1, self.n_tasks, seconds["total"], report.summary)
+        return report
+
+    def _teacher_task(self, task: TaskSplit) -> dict[str, list[float]]:
+        t = task.task_id
+        store = self.teacher_store
+        if store is not None and store.has(t):
+            self.teacher.prompt.begin_task(t)
+            state, rows = store.load(t)
+            self.teacher.load_trainable_state_dict(state)
+            log.info("teacher task %d loaded from %s", t, store.dir)
+            return rows
+        if self.require_teacher:
+            store.load(t)  # raises the clear "no teacher checkpoint" error
+        self._train_phase("teacher", task)
+        rows = self._evaluate_splits("teacher", t)
+        if store is not None:
+            store.save(t, self.teacher.trainable_state_dict(), rows)
+        return rows
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+        generator = torch.Generator().manual_seed(seed) if shuffle else None
+        return DataLoader(
+            dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+            num_workers=self.cfg.train.num_workers, pin_memory=self.device.type == "cuda",
+        )
+
+    def _optimizer(self, model: ContinualModel) -> tuple[torch.optim.Optimizer, Any]:
+        tc = self.cfg.train
+        optimizer = torch.optim.Adam(model.trainable_parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=tc.epochs) if tc.lr_schedule == "cosine" else None
+        return optimizer, scheduler
+
+    def _train_phase(self, role: str, task: TaskSplit) -> None:
+        """Train `role` on one task; in the joint schedule the student phase steps the teacher too."""
+        t, tc = task.task_id, self.cfg.train
+        joint = role == "student" and self.teacher is not None and self.cfg.distill.schedule == "joint"
+        torch.manual_seed(derive_seed(tc.seed, role, t))
+        classes = TaskClasses(past=task.classes[0], seen=task.classes[-1] + 1)
+        learners = [self.teacher, self.student] if joint else [self.teacher if role == "teacher" else self.student]
+        optimizers = []
+        for model in learners:
+            model.prompt.begin_task(t)
+            model.train()
+            optimizers.append(self._optimizer(model))
+        loader = self._loader(task.train, tc.batch_size, shuffle=True, seed=derive_seed(tc.seed, role, t, "loader"))
+        for _ in range(tc.epochs):
+            for images, targets in loader:
+                images, targets = images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+                if role == "teacher":
+                    losses = [self._teacher_loss(images, targets, t, classes)[0]]
+                else:
+                    losses = self._student_losses(images, targets, t, classes, joint)
+                for (optimizer, _), loss in zip(optimizers, losses):
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+            for _, scheduler in optimizers:
+                if scheduler is not None:
+                    scheduler.step()
+        for model in learners:
+            model.eval()
+
+    def _queries(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Selection queries for (student, teacher): one frozen pass when they share the query backbone."""
+        student_q = self.student_backbone.query(images)
+        if self.teacher is None:
+            return student_q, None
+        teacher_q = self.teacher_backbone.query(images) if self.cfg.query == "own" else student_q
+        return student_q, teacher_q
+
+    def _teacher_loss(self, images, targets, t: int, classes: TaskClasses, query=None):
+        if query is None:
+            query = self._queries(images)[1]
+        out = self.teacher(images, query, t, train=True)
+        return current_task_cross_entropy(out.logits, targets, classes) + out.prompt_loss, out
+
+    def _student_losses(self, images, targets, t: int, classes: TaskClasses, joint: bool) -> list[torch.Tensor]:
+        student_q, teacher_q = self._queries(images)
+        losses, teacher_out = [], None
+        if joint:  # v1: the teacher steps on this batch first; the student learns from its (detached) output
+            teacher_loss, teacher_out = self._teacher_loss(images, targets, t, classes, teacher_q)
+            losses.append(teacher_loss)
+        elif self.teacher is not None:
+            with torch.no_grad():
+                teacher_out = self.teacher(images, teacher_q, t, train=True)
+        teacher_logits = teacher_out.logits.detach() if teacher_out is not None else None
+        teacher_prefixes = (
+            {l: (k.detach(), v.detach()) for l, (k, v) in teacher_out.prefixes.items()} if teacher_out is not None else None
+        )
+        out = self.student(images, student_q, t, train=True, teacher_prefixes=teacher_prefixes)
+        kd = self.student.kd
+        if kd is None:
+            loss = current_task_cross_entropy(out.logits, targets, classes)
+        else:
+            loss = kd.loss(out.features, out.logits, teacher_logits, targets, classes)
+        losses.append(loss + out.prompt_loss)
+        return losses
+
+    # -- evaluation ---------------------------------------------------------------------------------------
+    def _evaluate_splits(self, role: str, t: int) -> dict[str, list[float]]:
+        splits = {"test": [self.stream.tasks[j].test for j in range(t + 1)]}
+        if all(len(self.stream.tasks[j].val) for j in range(t + 1)):
+            splits["val"] = [self.stream.tasks[j].val for j in range(t + 1)]
+        return {name: [self.accuracy(role, ds, t) for ds in datasets] for name, datasets in splits.items()}
+
+    @torch.inference_mode()
+    def accuracy(self, role: str, dataset: Dataset, t: int) -> float:
+        """Accuracy (%) of `role` after task t on `dataset`, predicting among all classes seen so far."""
+        seen = self.stream.tasks[t].classes[-1] + 1
+        model = self.teacher if role == "teacher" else self.student
+        needs_teacher = role == "student" and model.kd is not None and model.kd.needs_teacher_prompts
+        correct = total = 0
+        for images, targets in self._loader(dataset, self.cfg.train.eval_batch_size, shuffle=False):
+            images, targets = images.to(self.device), targets.to(self.device)
+            student_q, teacher_q = self._queries(images)
+            if role == "teacher":
+                logits = self.teacher.predict(self.teacher(images, teacher_q, t, train=False))
+            else:
+                prefixes = self.teacher(images, teacher_q, t, train=False).prefixes if needs_teacher else None
+                logits = self.student.predict(self.student(images, student_q, t, train=False, teacher_prefixes=prefixes))
+            correct += (logits[:, :seen].argmax(dim=1) == targets).sum().item()
+            total += len(targets)
+        return 100.0 * correct / max(total, 1)
+
+    # -- results and resume ------------------------------------------------------------------------------
+    def summary(self) -> dict[str, float]:
+        out = {}
+        for role, by_split in self.state.matrices.items():
+            for split, matrix in by_split.items():
+                for name, value in metrics.summarize(matrix).items():
+                    out[f"{role}_{split}_{name}"] = value
+        return out
+
+    def results(self) -> dict[str, Any]:
+        backbones = {"student": self.student_backbone}
+        if self.teacher_backbone is not None:
+            backbones["teacher"] = self.teacher_backbone
+        return {
+            "config": self.cfg.to_dict(),
+            "completed_tasks": self.completed_tasks,
+            "matrices": self.state.matrices,
+            "summary": self.summary(),
+            "data_split": self.stream.describe(),
+            "environment": {
+                "torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(),
+                "device": str(self.device), "trainer_version": TRAINER_VERSION,
+                "backbones": {r: {"preset": b.preset.name, "weights": b.weights, "weights_sha256": b.weights_sha256} for r, b in backbones.items()},
+            },
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue after the last finished task (the orchestrator checkpoints this)."""
+        state = {"completed_tasks": self.completed_tasks, "matrices": self.state.matrices, "student": self.student.trainable_state_dict()}
+        if self.teacher is not None:
+            state["teacher"] = self.teacher.trainable_state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        done = state["completed_tasks"]
+        for role in ROLES:
+            model = self.teacher if role == "teacher" else self.student
+            if model is None:
+                continue
+            if done:
+                model.prompt.current_task = done - 1
+            model.load_trainable_state_dict(state[role])
+        self.state = RunState(state["matrices"])
+        self.completed_tasks = done
+
+
+# Bump when the training math changes, so stored teachers made by older code are not reused.
+TRAINER_VERSION = 1
+

@@ -1,0 +1,101 @@
+"""The one interface every prompt method implements, and its registry."""
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import nn
+
+from cdl_core.backbones import Prefix
+from cdl_core.config import ConfigError
+
+
+class PromptOutput(NamedTuple):
+    prefixes: dict[int, Prefix]  # layer index -> (key tokens, value tokens)
+    loss: torch.Tensor  # scalar prompt loss (key matching, orthogonality); 0 when there is none
+
+
+class PromptMethod(nn.Module, ABC):
+    """Turns a selection query into per-layer prefix prompts.
+
+    Lifecycle: `begin_task(t)` once before training task t, then `forward(query, task_id, train)` per batch.
+    """
+
+    name: ClassVar[str]
+    Params: ClassVar[type]  # dataclass of the method's parameters; its defaults are the official ones
+
+    def __init__(self, params: Any, embed_dim: int, key_dim: int, n_tasks: int, depth: int) -> None:
+        super().__init__()
+        self.params = params
+        self.embed_dim = embed_dim
+        self.key_dim = key_dim
+        self.n_tasks = n_tasks
+        bad = [layer for layer in self.layers if not 0 <= layer < depth]
+        if bad:
+            raise ConfigError(f"prompt.params layers {bad} do not exist in a backbone of depth {depth}")
+        self.current_task = -1
+
+    @classmethod
+    def resolve_params(cls, overrides: dict[str, Any]) -> Any:
+        valid = {f.name for f in dataclasses.fields(cls.Params)}
+        unknown = sorted(set(overrides) - valid)
+        if unknown:
+            raise ConfigError(
+                f"prompt.params for {cls.name}: unknown {', '.join(unknown)}; valid: {', '.join(sorted(valid))}"
+            )
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+        params = cls.Params(**values)
+        for f in dataclasses.fields(params):
+            value = getattr(params, f.name)
+            numbers = value if isinstance(value, tuple) else (value,)
+            if any(isinstance(n, (int, float)) and not isinstance(n, bool) and n < 0 for n in numbers):
+                raise ConfigError(f"prompt.params.{f.name}={value!r} for {cls.name} must not be negative")
+        cls.check_params(params)
+        return params
+
+    @classmethod
+    def check_params(cls, params: Any) -> None:
+        """Method-specific checks; raise ConfigError."""
+
+    @property
+    @abstractmethod
+    def layers(self) -> tuple[int, ...]:
+        """Backbone layers that receive prompts."""
+
+    def begin_task(self, task_id: int) -> None:
+        self.current_task = task_id
+
+    @abstractmethod
+    def forward(self, query: torch.Tensor, task_id: int, train: bool) -> PromptOutput: ...
+
+
+PROMPT_METHODS: dict[str, type[PromptMethod]] = {}
+
+
+def register_prompt_method(cls: type[PromptMethod]) -> type[PromptMethod]:
+    PROMPT_METHODS[cls.name] = cls
+    return cls
+
+
+def build_prompt_method(method: str, overrides: dict[str, Any], embed_dim: int, key_dim: int, n_tasks: int, depth: int) -> PromptMethod:
+    if method not in PROMPT_METHODS:
+        raise ConfigError(f"unknown prompt method {method!r}; valid: {', '.join(sorted(PROMPT_METHODS))}")
+    cls = PROMPT_METHODS[method]
+    return cls(cls.resolve_params(overrides), embed_dim, key_dim, n_tasks, depth)
+
+
+def uniform_parameter(*shape: int) -> nn.Parameter:
+    """Prompts, keys and attention vectors start uniform in [0, 1) as in the official code."""
+    return nn.Parameter(torch.rand(*shape))
+
+
+def split_prefix(prompt: torch.Tensor) -> Prefix:
+    """Prefix tuning: the first half of a prompt's tokens extends the keys, the second half the values."""
+    half = prompt.shape[-2] // 2
+    return prompt[..., :half, :], prompt[..., half:, :]
+
+
+def zero_loss(reference: torch.Tensor) -> torch.Tensor:
+    return reference.new_zeros(())

@@ -1,0 +1,1 @@
+"""Ray Tune sweep orchestrator around cdl_core (Ray, MLflow and Optuna live here, never in cdl_core)."""

@@ -1,0 +1,1 @@
+"""Search spaces for `python -m orchestrator.sweep --space NAME`, one short module per space."""

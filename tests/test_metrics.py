@@ -1,0 +1,74 @@
+"""Continual-learning metrics (cdl_core.metrics) against matrices worked out by hand (DESIGN.md section 2).
+
+R[t][j] = accuracy on task j after training task t; entries j > t are undefined (NaN).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from cdl_core import metrics
+
+NAN = math.nan
+
+# Task 0's accuracy peaks after task 1 (95 > 90), so the forgetting max is not simply the diagonal.
+R = [
+    [90.0, NAN, NAN],
+    [95.0, 70.0, NAN],
+    [60.0, 50.0, 40.0],
+]
+# final:      (60 + 50 + 40) / 3                        = 50
+# A_t:        A_0 = 90, A_1 = (95 + 70) / 2 = 82.5, A_2 = 50 -> mean = 222.5 / 3
+# forgetting: j=0: max(90, 95) - 60 = 35; j=1: 70 - 50 = 20  -> (35 + 20) / 2 = 27.5
+
+
+def test_final_average_accuracy_is_the_mean_of_the_last_row():
+    assert metrics.final_average_accuracy(R) == pytest.approx(50.0)
+
+
+def test_average_incremental_accuracy_is_the_mean_over_tasks_of_the_running_average():
+    assert metrics.average_incremental_accuracy(R) == pytest.approx(222.5 / 3)
+
+
+def test_forgetting_uses_the_best_earlier_accuracy_of_each_old_task():
+    assert metrics.forgetting(R) == pytest.approx(27.5)
+
+
+def test_forgetting_is_negative_when_old_tasks_improve():
+    improving = [[50.0, NAN, NAN], [60.0, 70.0, NAN], [80.0, 65.0, 90.0]]
+    # j=0: max(50, 60) - 80 = -20; j=1: 70 - 65 = 5 -> -7.5 (the formula has no clamp)
+    assert metrics.forgetting(improving) == pytest.approx(-7.5)
+    assert metrics.final_average_accuracy(improving) == pytest.approx((80 + 65 + 90) / 3)
+
+
+def test_one_task_has_zero_forgetting_and_its_accuracy_as_both_averages():
+    one = [[73.0]]
+    assert metrics.forgetting(one) == 0.0
+    assert metrics.final_average_accuracy(one) == pytest.approx(73.0)
+    assert metrics.average_incremental_accuracy(one) == pytest.approx(73.0)
+
+
+def test_summarize_and_per_task_accuracies_report_the_same_numbers():
+    summary = metrics.summarize(R)
+    assert summary == pytest.approx(
+        {"final_avg_acc": 50.0, "avg_incremental_acc": 222.5 / 3, "forgetting": 27.5}
+    )
+    assert metrics.per_task_accuracies(R) == [60.0, 50.0, 40.0]
+
+
+def test_metrics_of_a_partly_filled_matrix_use_only_the_finished_rows():
+    partial = metrics.empty_matrix(3)[:2]
+    partial[0][0], partial[1][0], partial[1][1] = 90.0, 80.0, 60.0
+    assert metrics.final_average_accuracy(partial) == pytest.approx(70.0)
+    assert metrics.average_incremental_accuracy(partial) == pytest.approx((90.0 + 70.0) / 2)
+    assert metrics.forgetting(partial) == pytest.approx(10.0)
+
+
+def test_empty_matrix_is_all_nan_and_a_row_missing_entries_is_rejected():
+    empty = metrics.empty_matrix(3)
+    assert len(empty) == 3 and all(len(row) == 3 and all(math.isnan(v) for v in row) for row in empty)
+    with pytest.raises(ValueError):
+        metrics.final_average_accuracy([[90.0], [80.0]])  # row 1 lacks task 1
+    with pytest.raises(ValueError):
+        metrics.forgetting([])
