@@ -1,5 +1,5 @@
 # The two commands the README starts with: `make demo` and `make test`. Both set up .venv first when needed.
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed

@@ -1,0 +1,198 @@
+"""What a sweep varies: the grid of cells, the Optuna-tuned parameters per trial, resources and pruner.
+
+A space is a short module in `search_spaces/` exposing `SPACE = SweepSpace(...)`. The grid axes are fixed
+combinations (each one a *cell*: teacher, student, prompt method, KD method, dataset, seed); the tuned
+parameters are define-by-run: `tune(trial, cell)` asks an Optuna trial for values and returns RunConfig
+overrides as dotted keys (e.g. {"distill.alpha": 0.3}), so conditional parameters are plain code.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import importlib.util
+import itertools
+import pkgutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from cdl_core.backbones import PRESETS
+from cdl_core.config import ConfigError, RunConfig
+from cdl_core.data import DATASETS
+from cdl_core.distill import KD_METHODS
+from cdl_core.prompts import PROMPT_METHODS
+
+
+class SpaceError(ValueError):
+    """A search space is unknown or malformed; the message says what and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    teacher: str | None  # None: the no-teacher baseline (student alone)
+    student: str
+    method: str
+    kd: str
+    dataset: str
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.teacher or 'none'}-{self.student}.{self.method}.{self.kd}.{self.dataset}.s{self.seed}"
+
+    def tags(self) -> dict[str, str]:
+        return {k: str(v) for k, v in asdict(self).items()} | {"cell": self.key}
+
+
+PRUNERS: dict[str, Callable[..., optuna.pruners.BasePruner]] = {
+    "median": optuna.pruners.MedianPruner,
+    "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+    "hyperband": optuna.pruners.HyperbandPruner,
+    "patient": lambda patience=1, min_delta=0.0, **inner: optuna.pruners.PatientPruner(
+        optuna.pruners.MedianPruner(**inner), patience=patience, min_delta=min_delta
+    ),
+    "none": optuna.pruners.NopPruner,
+}
+
+
+@dataclass
+class SweepSpace:
+    name: str
+    description: str
+    pairs: list[tuple[str | None, str]]  # (teacher, student); (None, student) is the student-alone baseline
+    methods: list[str]
+    kd_methods: list[str]  # for pairs with a teacher; the baseline pairs always use "none"
+    datasets: list[str]
+    seeds: list[int] = field(default_factory=lambda: [0])
+    tune: Callable[[optuna.Trial, Cell], dict[str, Any]] | None = None
+    keep: Callable[[Cell], bool] | None = None  # optional filter on the grid (e.g. only the paper's rows)
+    trials_per_cell: int = 1
+    base: dict[str, Any] = field(default_factory=dict)  # dotted RunConfig overrides for every trial
+    per_dataset: dict[str, dict[str, Any]] = field(default_factory=dict)  # dotted overrides per dataset
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    pruner: str = "median"
+    pruner_args: dict[str, Any] = field(default_factory=lambda: {"n_warmup_steps": 2})
+    sampler_seed: int = 0
+    metric: str = "val_avg_acc"  # validation split only: tuning and pruning never read test accuracy
+
+    def cells(self) -> list[Cell]:
+        cells = []
+        for (teacher, student), method, dataset, seed in itertools.product(self.pairs, self.methods, self.datasets, self.seeds):
+            for kd in (self.kd_methods if teacher else ["none"]):
+                cell = Cell(teacher, student, method, kd, dataset, seed)
+                if self.keep is None or self.keep(cell):
+                    cells.append(cell)
+        return cells
+
+    def trials_for(self, cell: Cell) -> int:
+        """Untuned cells (e.g. the student-alone baseline with nothing to tune) need only one trial."""
+        return self.trials_per_cell if self.tunes(cell) else 1
+
+    def tunes(self, cell: Cell) -> bool:
+        return self.tune is not None and bool(self.tune(_probe_trial(), cell))
+
+    def build_pruner(self) -> optuna.pruners.BasePruner:
+        return PRUNERS[self.pruner](**self.pruner_args)
+
+    def run_config(self, cell: Cell, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The validated RunConfig dict of one trial of `cell`."""
+        raw = RunConfig().to_dict()
+        raw["student"] = {"preset": cell.student, "weights": "default"}
+        raw["teacher"] = {"preset": cell.teacher, "weights": "default"} if cell.teacher else None
+        raw["prompt"]["method"] = cell.method
+        raw["distill"]["method"] = cell.kd
+        raw["data"]["name"] = cell.dataset
+        raw["train"]["seed"] = cell.seed
+        for source in (self.base, self.per_dataset.get(cell.dataset, {}), overrides or {}):
+            for dotted, value in source.items():
+                _set_dotted(raw, dotted, copy.deepcopy(value))
+        try:
+            return RunConfig.from_dict(raw).to_dict()
+        except ConfigError as err:
+            raise SpaceError(f"space {self.name!r}, cell {cell.key}: {err}") from None
+
+    def validate(self) -> "SweepSpace":
+        def check(kind: str, values: list, valid) -> None:
+            bad = [v for v in values if v not in valid]
+            if bad:
+                raise SpaceError(f"space {self.name!r}: unknown {kind} {bad}; valid: {', '.join(sorted(valid))}")
+
+        if not (self.pairs and self.methods and self.datasets and self.seeds):
+            raise SpaceError(f"space {self.name!r}: pairs, methods, datasets and seeds must each list at least one value")
+        if not self.cells():
+            raise SpaceError(f"space {self.name!r}: its keep filter leaves no cell")
+        check("teacher", [t for t, _ in self.pairs if t], PRESETS)
+        check("student", [s for _, s in self.pairs], PRESETS)
+        check("prompt method", self.methods, PROMPT_METHODS)
+        check("KD method", self.kd_methods, KD_METHODS)
+        check("dataset", self.datasets, DATASETS)
+        check("pruner", [self.pruner], PRUNERS)
+        if self.trials_per_cell < 1:
+            raise SpaceError(f"space {self.name!r}: trials_per_cell={self.trials_per_cell} must be at least 1")
+        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
+            raise SpaceError(f"space {self.name!r}: cpus_per_trial must be > 0 and gpus_per_trial >= 0")
+        if any(t and kd == "none" for (t, _), kd in itertools.product(self.pairs, self.kd_methods)):
+            raise SpaceError(f"space {self.name!r}: 'none' in kd_methods duplicates the student-alone pairs; add (None, student) to pairs instead")
+        try:
+            self.build_pruner()
+        except TypeError as err:
+            raise SpaceError(f"space {self.name!r}: pruner_args do not fit pruner {self.pruner!r}: {err}") from None
+        for cell in self.cells():  # every cell must give a valid run config, with tuned values too
+            overrides = self.tune(_probe_trial(), cell) if self.tune else {}
+            self.run_config(cell, overrides)
+        return self
+
+
+_probe_study: optuna.Study | None = None
+
+
+def _probe_trial() -> optuna.Trial:
+    """A throwaway in-memory trial to see what `tune` asks for (validation, planning)."""
+    global _probe_study
+    if _probe_study is None:
+        verbosity = optuna.logging.get_verbosity()
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        _probe_study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        optuna.logging.set_verbosity(verbosity)
+    return _probe_study.ask()
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for part in parents:
+        if part in node and node[part] is None:
+            return  # a setting for an absent section (e.g. teacher.* in a no-teacher cell) applies to nothing
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise SpaceError(f"override {dotted!r}: {part!r} is not a section")
+    node[leaf] = value
+
+
+def available_spaces() -> list[str]:
+    import search_spaces
+
+    return sorted(m.name for m in pkgutil.iter_modules(search_spaces.__path__) if not m.name.startswith("_"))
+
+
+def load_space(name: str) -> SweepSpace:
+    """A space by module name in `search_spaces/`, or a path to a copied and edited space file."""
+    if name.endswith(".py"):
+        path = Path(name)
+        if not path.is_file():
+            raise SpaceError(f"space file {path} does not exist")
+        spec = importlib.util.spec_from_file_location(f"search_space_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        if name not in available_spaces():
+            raise SpaceError(f"unknown space {name!r}; available: {', '.join(available_spaces())} (or a path to a .py file)")
+        module = importlib.import_module(f"search_spaces.{name}")
+    space = getattr(module, "SPACE", None)
+    if not isinstance(space, SweepSpace):
+        raise SpaceError(f"space module {name!r} must define SPACE = SweepSpace(...)")
+    return space.validate()

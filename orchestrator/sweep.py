@@ -1,0 +1,197 @@
+"""`python -m orchestrator.sweep --space NAME`: run a search space's grid of cells on Ray Tune, with one Optuna
+study per cell that prunes poor trials after each task, and every trial tracked in MLflow.
+
+Defaults run on this machine: a local Ray sized to it, MLflow in sqlite:///mlflow.db and Optuna in
+sqlite:///optuna.db (both in the working directory), Tune results under ./ray_results. On a cluster pass
+--address auto, a tracking-server URI, an RDB Optuna URL and a shared --storage-path.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator.space import Cell, SpaceError, SweepSpace, available_spaces, load_space
+
+log = logging.getLogger("orchestrator.sweep")
+
+
+class SweepError(RuntimeError):
+    """The sweep cannot start as asked; the message says what is missing."""
+
+
+@dataclass
+class Plan:
+    cells: list[Cell]
+    trials: dict[str, int]  # cell key -> trials
+    teacher_trainings: int  # trials that train a teacher (each trains its own until teachers are shared)
+    distinct_teachers: int  # teachers that differ in anything that determines them
+
+    @property
+    def total_trials(self) -> int:
+        return sum(self.trials.values())
+
+
+def make_plan(space: SweepSpace) -> Plan:
+    cells = space.cells()
+    trials = {c.key: space.trials_for(c) for c in cells}
+    with_teacher = [c for c in cells if c.teacher]
+    # A sequential-schedule teacher depends on its backbone, the query (student) backbone, the prompt method,
+    # the data and the seed — not on the KD method or any tuned KD setting.
+    distinct = {(c.teacher, c.student, c.method, c.dataset, c.seed) for c in with_teacher}
+    return Plan(cells, trials, sum(trials[c.key] for c in with_teacher), len(distinct))
+
+
+def print_plan(space: SweepSpace, plan: Plan) -> None:
+    print(f"space {space.name}: {len(plan.cells)} cells, {plan.total_trials} trials")
+    print(f"resources per trial: {space.cpus_per_trial:g} CPU, {space.gpus_per_trial:g} GPU; pruner {space.pruner} {space.pruner_args}")
+    print(f"teacher trainings: {plan.teacher_trainings} (one per trial with a teacher); distinct teachers: {plan.distinct_teachers}")
+    print(f"{'cell':<64} trials")
+    for cell in plan.cells:
+        print(f"{cell.key:<64} {plan.trials[cell.key]:>6}")
+
+
+def check_resources(space: SweepSpace, cluster: dict[str, float]) -> None:
+    """Stop at once when not even one trial fits, instead of leaving trials pending forever."""
+    missing = []
+    if space.cpus_per_trial > cluster.get("CPU", 0):
+        missing.append(f"{space.cpus_per_trial:g} CPU per trial but the cluster has {cluster.get('CPU', 0):g}")
+    if space.gpus_per_trial > cluster.get("GPU", 0):
+        missing.append(f"{space.gpus_per_trial:g} GPU per trial but the cluster has {cluster.get('GPU', 0):g}")
+    if missing:
+        raise SweepError(
+            f"space {space.name!r} cannot run here: it asks for {'; '.join(missing)}. Join a cluster that has them "
+            "(--address), or lower the request with --cpus-per-trial / --gpus-per-trial"
+        )
+
+
+def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Best completed trial per cell (by validation accuracy) with counts of completed/pruned/failed trials."""
+    by_cell: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for result in results:
+        by_cell[result["cell"]].append(result)
+    rows = []
+    for cell, items in sorted(by_cell.items()):
+        counts = Counter(r["status"] for r in items)
+        done = [r for r in items if r["status"] == "completed"]
+        best = max(done, key=lambda r: r["metrics"]["val_avg_acc"], default=None)
+        rows.append({"cell": cell, "counts": counts, "best": best})
+    return rows
+
+
+def print_summary(rows: list[dict[str, Any]]) -> None:
+    print(f"\n{'cell':<56} {'done':>4} {'pruned':>6} {'failed':>6} {'best val acc':>12} {'test acc':>8} {'forgetting':>10}")
+    for row in rows:
+        best, counts = row["best"], row["counts"]
+        values = (
+            f"{best['metrics']['val_avg_acc']:>12.2f} {best['metrics']['test_avg_acc']:>8.2f} {best['metrics']['test_forgetting']:>10.2f}"
+            if best else f"{'-':>12} {'-':>8} {'-':>10}"
+        )
+        print(f"{row['cell']:<56} {counts['completed']:>4} {counts['pruned']:>6} {counts['failed']:>6} {values}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m orchestrator.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--space", required=True, help=f"search space: one of {', '.join(available_spaces())}, or a path to a copied space .py file")
+    p.add_argument("--address", help="Ray cluster to join ('auto' or host:port); default: start a local Ray sized to this machine")
+    p.add_argument("--experiment", help="MLflow experiment name (default: cdl-<space>)")
+    p.add_argument("--name", help="sweep name: Tune experiment folder, MLflow parent run and Optuna study prefix (default: the space name)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db in the working directory; on clusters an http:// tracking server)")
+    p.add_argument("--optuna-storage", help="Optuna storage URL (default: sqlite:///optuna.db in the working directory; on clusters a postgresql:// URL)")
+    p.add_argument("--storage-path", default="ray_results", help="where Tune keeps results and checkpoints: a local dir, or a shared path / URI (s3://...) on clusters")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep: finished trials are not rerun, interrupted ones continue from their last task")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (cells, trials, resources, teacher trainings) and start nothing")
+    p.add_argument("--max-concurrent", type=int, default=0, help="at most this many trials at once (default: as many as resources allow)")
+    p.add_argument("--cpus-per-trial", type=float, help="override the space's CPUs per trial")
+    p.add_argument("--gpus-per-trial", type=float, help="override the space's GPUs per trial (fractions share a GPU)")
+    p.add_argument("--max-failures", type=int, default=2, help="retries of a failed trial, from its last task checkpoint (default 2)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        space = load_space(args.space)
+        if args.cpus_per_trial is not None:
+            space.cpus_per_trial = args.cpus_per_trial
+        if args.gpus_per_trial is not None:
+            space.gpus_per_trial = args.gpus_per_trial
+        if args.max_concurrent < 0:
+            raise SweepError(f"--max-concurrent={args.max_concurrent} must be >= 0 (0: no limit)")
+        space.validate()
+        plan = make_plan(space)
+        if args.dry_run:
+            print_plan(space, plan)
+            return 0
+        return run_sweep(space, plan, args)
+    except (SpaceError, SweepError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def run_sweep(space: SweepSpace, plan: Plan, args: argparse.Namespace) -> int:
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # use the reporter below (the new output ignores it)
+    import ray
+    from ray import tune
+
+    from orchestrator.pruning import CellStudies, OptunaPruningScheduler, PerCellOptunaSearch
+    from orchestrator.progress import SweepProgress
+    from orchestrator.tracking import MlflowTracking, trial_status
+    from orchestrator.trainable import train_cdl
+
+    sweep = args.name or space.name
+    experiment = args.experiment or f"cdl-{space.name}"
+    tracking_uri = args.tracking_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    optuna_url = args.optuna_storage or f"sqlite:///{Path.cwd() / 'optuna.db'}"
+    storage = args.storage_path if "://" in args.storage_path else str(Path(args.storage_path).resolve())
+    experiment_path = f"{storage.rstrip('/')}/{sweep}"
+
+    ray.init(address=args.address, include_dashboard=False, log_to_driver=True)
+    try:
+        check_resources(space, ray.cluster_resources())
+        trainable = tune.with_resources(train_cdl, {"cpu": space.cpus_per_trial, "gpu": space.gpus_per_trial})
+        if args.resume:
+            if not tune.Tuner.can_restore(experiment_path):
+                raise SweepError(f"nothing to resume at {experiment_path}; start the sweep without --resume")
+            tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            if tune.Tuner.can_restore(experiment_path):
+                raise SweepError(f"sweep {sweep!r} already exists at {experiment_path}; continue it with --resume or pick another --name")
+            searcher = PerCellOptunaSearch(space, CellStudies(space, sweep, optuna_url))
+            sweep_params = {"space": space.name, "cells": len(plan.cells), "trials": plan.total_trials, "metric": space.metric,
+                            "pruner": space.pruner, "pruner_args": space.pruner_args, "optuna_storage": optuna_url}
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(
+                    search_alg=searcher, scheduler=OptunaPruningScheduler(searcher), num_samples=plan.total_trials,
+                    max_concurrent_trials=args.max_concurrent or None,
+                ),
+                run_config=tune.RunConfig(
+                    name=sweep, storage_path=storage,
+                    callbacks=[MlflowTracking(tracking_uri, experiment, sweep, sweep_params)],
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                    failure_config=tune.FailureConfig(max_failures=args.max_failures),
+                    progress_reporter=SweepProgress(space.metric), verbose=1,
+                ),
+            )
+        grid = tuner.fit()
+    finally:
+        ray.shutdown()
+    results = []
+    for result in grid:
+        status = "failed" if result.error else trial_status(result.metrics)
+        results.append({"cell": result.config["cell"], "status": status, "metrics": result.metrics or {}})
+    print_summary(summarize(results))
+    print(f"\nMLflow UI: mlflow ui --backend-store-uri {tracking_uri}   (experiment {experiment!r})")
+    print(f"Optuna dashboard: optuna-dashboard {optuna_url}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""The Ray Tune function trainable: one trial = one `cdl_core` run, reported and checkpointed task by task.
+
+Thin on purpose: it validates the trial's RunConfig dict, resumes from the last task checkpoint if Tune
+restarted the trial, and after every task reports the metrics and saves a checkpoint (Tune keeps one).
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from ray import tune
+
+from cdl_core import metrics
+from cdl_core.config import RunConfig
+from cdl_core.learner import ContinualRun, TaskReport
+
+STATE_FILE = "run_state.pt"
+
+
+def task_metrics(run: ContinualRun, report: TaskReport) -> dict[str, Any]:
+    """Flat metrics after a task. `val_avg_acc` (validation split) is what Optuna tunes and prunes on;
+    test accuracies are reported and logged, never used to choose."""
+    out: dict[str, Any] = {"task": report.task_id + 1, "n_tasks": run.n_tasks}
+    for role, by_split in run.state.matrices.items():
+        prefix = "" if role == "student" else "teacher_"
+        for split, matrix in by_split.items():
+            out[f"{prefix}{split}_avg_acc"] = metrics.final_average_accuracy(matrix)
+            out[f"{prefix}{split}_forgetting"] = metrics.forgetting(matrix)
+            out[f"{prefix}{split}_avg_incremental_acc"] = metrics.average_incremental_accuracy(matrix)
+        for j, acc in enumerate(by_split["test"][-1]):
+            out[f"{prefix}test_acc_task{j + 1}"] = acc
+    out["test_matrix"] = json.dumps(run.state.matrices["student"]["test"])
+    if "teacher" in run.state.matrices:
+        out["teacher_test_matrix"] = json.dumps(run.state.matrices["teacher"]["test"])
+    out["task_seconds"] = report.seconds["total"]
+    return out
+
+
+def train_cdl(config: dict[str, Any]) -> None:
+    run = ContinualRun(RunConfig.from_dict(config["run"]))
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:  # Tune restarted this trial: continue after its last finished task
+        with checkpoint.as_directory() as directory:
+            run.load_state_dict(torch.load(Path(directory) / STATE_FILE, weights_only=False))
+    while run.completed_tasks < run.n_tasks:
+        report = run.run_task()
+        with tempfile.TemporaryDirectory() as directory:
+            torch.save(run.state_dict(), Path(directory) / STATE_FILE)
+            tune.report(task_metrics(run, report), checkpoint=tune.Checkpoint.from_directory(directory))
