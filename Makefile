@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo single test bench clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11'"; exit 1; }
@@ -14,8 +14,14 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The smoke sweep on the embedded defaults: local Ray, sqlite MLflow/Optuna stores here, offline Fashion-MNIST,
+# demo backbones. Each invocation is a new sweep (timestamped name) in the same MLflow experiment.
 demo: $(STAMP)
-	$(PY) -m cdl_core.run --teacher demo-t --student demo-s --method coda --kd cdl_prompt --dataset fashion_mnist --epochs 1 --batch-size 16 --out outputs/demo.json
+	$(PY) -m orchestrator.sweep --space smoke --name smoke-$$(date +%Y%m%d-%H%M%S)
+
+# One cdl_core run, no Ray: teacher -> CDL-Prompt student -> student alone, printed side by side.
+single: $(STAMP)
+	$(PY) -m cdl_core.run --teacher demo-t --student demo-s --method coda --kd cdl_prompt --dataset fashion_mnist --epochs 1 --batch-size 16 --out outputs/single.json
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -24,4 +30,4 @@ bench: $(STAMP)
 	$(PY) bench/step_throughput.py
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache
+	rm -rf $(VENV) outputs .pytest_cache ray_results mlflow.db optuna.db

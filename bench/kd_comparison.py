@@ -4,7 +4,7 @@ accuracy and forgetting (test split, %).
 Each seed trains the teacher once (sequential schedule, per-task checkpoints in a temp dir) and reuses it for
 every KD method, so all students of a seed learn from the same teacher.
 
-    python bench/kd_comparison.py --method coda --seeds 0 1 2 --epochs 1
+    python bench/kd_comparison.py --method coda --seeds 0 1 2 --epochs 1 --kd kd dkd cdl_prompt
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--kd", nargs="+", default=["kd", "cdl_prompt"], help="KD methods to compare")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=16, help="16: ~68 optimizer steps per Fashion-MNIST task")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -34,7 +35,7 @@ def main() -> None:
     for seed in args.seeds:
         base = RunConfig(
             data=DataConfig(name=args.dataset), student=BackboneConfig(args.student),
-            prompt=PromptConfig(args.method), train=TrainConfig(epochs=args.epochs, seed=seed),
+            prompt=PromptConfig(args.method), train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=seed),
         )
         alone = ContinualRun(base).run()["summary"]
         scores[f"student alone ({args.student})"].append((alone["student_test_final_avg_acc"], alone["student_test_forgetting"]))

@@ -30,14 +30,12 @@ def progress_lines(trials: list, metric: str) -> str:
     for trial in trials:
         if trial.status in ("RUNNING", "PENDING", "PAUSED"):
             states[trial.status.lower()] += 1
-        elif trial.status == "ERROR":
-            states["failed"] += 1
-        else:
-            states[trial_status(trial.last_result)] += 1
-        value = (trial.last_result or {}).get(metric)
-        if value is not None:
+            continue
+        status = "failed" if trial.status == "ERROR" else trial_status(trial.last_result)
+        states[status] += 1
+        if status == "completed":  # a finished trial's final value; running ones are still dropping
             cell = trial.config.get("cell", "?")
-            best[cell] = max(best.get(cell, float("-inf")), value)
+            best[cell] = max(best.get(cell, float("-inf")), trial.last_result[metric])
     order = ("running", "pending", "paused", "completed", "pruned", "failed")
     lines = ["trials: " + ", ".join(f"{states[s]} {s}" for s in order if states[s] or s in ("running", "pending"))]
     lines += [f"  best {metric} so far  {cell:<56} {value:6.2f}" for cell, value in sorted(best.items())]

@@ -39,10 +39,13 @@ class CellStudies:
 
     def study(self, cell: Cell) -> optuna.Study:
         if cell.key not in self._studies:
-            self._studies[cell.key] = optuna.create_study(
+            study = optuna.create_study(
                 study_name=self.name(cell), storage=self.storage_url, direction="maximize", load_if_exists=True,
                 sampler=optuna.samplers.TPESampler(seed=self.space.sampler_seed), pruner=self.space.build_pruner(),
             )
+            if study.trials:  # a resumed driver: a sampler seeded as before would replay the settings already tried
+                study.sampler = optuna.samplers.TPESampler(seed=self.space.sampler_seed + len(study.trials))
+            self._studies[cell.key] = study
         return self._studies[cell.key]
 
 
@@ -54,6 +57,8 @@ class PerCellOptunaSearch(Searcher):
         self.space = space
         self.studies = studies
         self.cells = {cell.key: cell for cell in space.cells()}
+        # Once, not per suggest: trials_for calls `tune` (a probe per cell), and suggest runs for every trial.
+        self.quota = {key: space.trials_for(cell) for key, cell in self.cells.items()}
         self.assigned: dict[str, tuple[str, int]] = {}  # Tune trial id -> (cell key, Optuna trial number)
         self.pruned: dict[str, int] = {}  # Tune trial id -> task after which it was pruned
         self._live: dict[str, optuna.Trial] = {}
@@ -65,7 +70,7 @@ class PerCellOptunaSearch(Searcher):
         if trial_id in self.assigned:  # restored experiment re-asking for a known trial
             return None
         asked = Counter(key for key, _ in self.assigned.values())
-        open_cells = [c for c in self.cells.values() if asked[c.key] < self.space.trials_for(c)]
+        open_cells = [c for c in self.cells.values() if asked[c.key] < self.quota[c.key]]
         if not open_cells:
             return Searcher.FINISHED
         cell = min(open_cells, key=lambda c: asked[c.key])  # breadth first: every cell gets a trial early

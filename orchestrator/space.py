@@ -13,7 +13,7 @@ import importlib.util
 import itertools
 import pkgutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -147,18 +147,17 @@ class SweepSpace:
         return self
 
 
-_probe_study: optuna.Study | None = None
-
-
 def _probe_trial() -> optuna.Trial:
-    """A throwaway in-memory trial to see what `tune` asks for (validation, planning)."""
-    global _probe_study
-    if _probe_study is None:
-        verbosity = optuna.logging.get_verbosity()
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        _probe_study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    """A throwaway in-memory trial to see what `tune` asks for (validation, planning). A fresh study every time:
+    one shared study rejects a parameter name asked with another distribution (in another cell or space),
+    which separate per-cell studies allow, and it would keep every probe in memory."""
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    finally:
         optuna.logging.set_verbosity(verbosity)
-    return _probe_study.ask()
+    return study.ask()
 
 
 def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
@@ -195,4 +194,5 @@ def load_space(name: str) -> SweepSpace:
     space = getattr(module, "SPACE", None)
     if not isinstance(space, SweepSpace):
         raise SpaceError(f"space module {name!r} must define SPACE = SweepSpace(...)")
-    return space.validate()
+    # A copy: callers adjust it (the CLI's resource overrides), and an imported module's SPACE must stay as written.
+    return replace(space).validate()

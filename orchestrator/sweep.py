@@ -70,6 +70,21 @@ def check_resources(space: SweepSpace, cluster: dict[str, float]) -> None:
         )
 
 
+def prepare_backbones(space: SweepSpace) -> None:
+    """Pretrain the demo backbones the space uses once, here, before trials start — not in every trial at once."""
+    from cdl_core.backbones import PRESETS
+    from cdl_core.pretrain import ensure_demo_weights
+
+    needed = set()
+    for cell in space.cells():
+        cfg = space.run_config(cell)
+        for backbone in (cfg["student"], cfg["teacher"]):
+            if backbone and backbone["weights"] == "default" and PRESETS[backbone["preset"]].weights_source == "demo_pretrain":
+                needed.add(backbone["preset"])
+    for name in sorted(needed):
+        ensure_demo_weights(name)
+
+
 def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Best completed trial per cell (by validation accuracy) with counts of completed/pruned/failed trials."""
     by_cell: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -99,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m orchestrator.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--space", required=True, help=f"search space: one of {', '.join(available_spaces())}, or a path to a copied space .py file")
     p.add_argument("--address", help="Ray cluster to join ('auto' or host:port); default: start a local Ray sized to this machine")
-    p.add_argument("--experiment", help="MLflow experiment name (default: cdl-<space>)")
+    p.add_argument("--experiment", help="MLflow experiment name (default: the sweep name, so one experiment per sweep)")
     p.add_argument("--name", help="sweep name: Tune experiment folder, MLflow parent run and Optuna study prefix (default: the space name)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db in the working directory; on clusters an http:// tracking server)")
     p.add_argument("--optuna-storage", help="Optuna storage URL (default: sqlite:///optuna.db in the working directory; on clusters a postgresql:// URL)")
@@ -138,15 +153,16 @@ def main(argv: list[str] | None = None) -> int:
 def run_sweep(space: SweepSpace, plan: Plan, args: argparse.Namespace) -> int:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # use the reporter below (the new output ignores it)
     import ray
+    from optuna.trial import TrialState
     from ray import tune
 
     from orchestrator.pruning import CellStudies, OptunaPruningScheduler, PerCellOptunaSearch
     from orchestrator.progress import SweepProgress
-    from orchestrator.tracking import MlflowTracking, trial_status
+    from orchestrator.tracking import MlflowTracking
     from orchestrator.trainable import train_cdl
 
     sweep = args.name or space.name
-    experiment = args.experiment or f"cdl-{space.name}"
+    experiment = args.experiment or sweep
     tracking_uri = args.tracking_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
     optuna_url = args.optuna_storage or f"sqlite:///{Path.cwd() / 'optuna.db'}"
     storage = args.storage_path if "://" in args.storage_path else str(Path(args.storage_path).resolve())
@@ -155,6 +171,7 @@ def run_sweep(space: SweepSpace, plan: Plan, args: argparse.Namespace) -> int:
     ray.init(address=args.address, include_dashboard=False, log_to_driver=True)
     try:
         check_resources(space, ray.cluster_resources())
+        prepare_backbones(space)
         trainable = tune.with_resources(train_cdl, {"cpu": space.cpus_per_trial, "gpu": space.gpus_per_trial})
         if args.resume:
             if not tune.Tuner.can_restore(experiment_path):
@@ -183,11 +200,21 @@ def run_sweep(space: SweepSpace, plan: Plan, args: argparse.Namespace) -> int:
         grid = tuner.fit()
     finally:
         ray.shutdown()
+    # Statuses from Optuna, where the searcher told every outcome: Tune marks a trial that an interrupt (Ctrl-C)
+    # stopped TERMINATED, just like a pruned one.
+    studies = CellStudies(space, sweep, optuna_url)
+    cells = {cell.key: cell for cell in plan.cells}
     results = []
     for result in grid:
-        status = "failed" if result.error else trial_status(result.metrics)
+        if result.config is None:  # never started: the sweep was interrupted before this trial ran
+            continue
+        state = studies.study(cells[result.config["cell"]]).trials[result.config["optuna_trial"]].state
+        status = {TrialState.COMPLETE: "completed", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}.get(state, "interrupted")
         results.append({"cell": result.config["cell"], "status": status, "metrics": result.metrics or {}})
     print_summary(summarize(results))
+    unfinished = plan.total_trials - sum(r["status"] != "interrupted" for r in results)
+    if unfinished:
+        print(f"\nsweep interrupted: {unfinished} of {plan.total_trials} trials not finished; rerun the same command with --resume to continue")
     print(f"\nMLflow UI: mlflow ui --backend-store-uri {tracking_uri}   (experiment {experiment!r})")
     print(f"Optuna dashboard: optuna-dashboard {optuna_url}")
     return 0

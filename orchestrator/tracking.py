@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -81,11 +82,12 @@ class MlflowTracking(Callback):
         self._client: MlflowClient | None = None
         self._runs: dict[str, str] = {}  # Tune trial id -> MLflow run id
         self._logged_steps: dict[str, set[int]] = {}
+        self._ended: set[str] = set()  # Tune trial ids that completed or failed while this driver ran
         self.parent_run_id: str | None = None
         self.experiment_id: str | None = None
 
     def __getstate__(self) -> dict[str, Any]:  # Tune pickles callbacks with the experiment state
-        return self.__dict__ | {"_client": None, "_runs": {}, "_logged_steps": {}}
+        return self.__dict__ | {"_client": None, "_runs": {}, "_logged_steps": {}, "_ended": set()}
 
     @property
     def client(self) -> MlflowClient:
@@ -172,17 +174,25 @@ class MlflowTracking(Callback):
         if status == "pruned":
             self.client.set_tag(run_id, "pruned_after_task", str(last["task"]))
         self.client.set_terminated(run_id, "FINISHED")
+        self._ended.add(trial.trial_id)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
         run_id = self.run_id(trial)
         self.client.set_tag(run_id, "status", "failed")
         self.client.set_terminated(run_id, "FAILED")
+        self._ended.add(trial.trial_id)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        counts: dict[str, int] = {}
+        counts = dict.fromkeys(("completed", "pruned", "failed", "interrupted"), 0)  # zeros too: a resume overwrites
         for trial in trials:
-            status = "failed" if trial.status == "ERROR" else trial_status(trial.last_result)
-            counts[status] = counts.get(status, 0) + 1
-        self.client.log_batch(self.parent_run_id, metrics=[Metric(f"trials_{k}", v, 0, 0) for k, v in counts.items()])
-        unfinished = any(t.status not in ("TERMINATED", "ERROR") for t in trials)
-        self.client.set_terminated(self.parent_run_id, "KILLED" if unfinished else "FINISHED")
+            # An interrupt (Ctrl-C) leaves trials pending, and Tune marks the running ones TERMINATED like finished
+            # ones: those are the trials this driver ran but never saw end.
+            if trial.status not in ("TERMINATED", "ERROR") or (trial.trial_id in self._runs and trial.trial_id not in self._ended):
+                status = "interrupted"
+            else:
+                status = "failed" if trial.status == "ERROR" else trial_status(trial.last_result)
+            counts[status] += 1
+        now = int(time.time() * 1000)  # a resumed sweep's counts must be the latest values, not tie with the old ones
+        self.client.log_batch(self.parent_run_id, metrics=[Metric(f"trials_{k}", v, now, 0) for k, v in counts.items()])
+        finished = sum(n for status, n in counts.items() if status != "interrupted")
+        self.client.set_terminated(self.parent_run_id, "FINISHED" if finished >= self.sweep_params["trials"] else "KILLED")

@@ -22,17 +22,6 @@ from cdl_core.prompts.dualprompt import DualPromptParams
 from cdl_core.prompts.l2p import L2PParams
 
 
-@pytest.fixture(autouse=True)
-def _cache_dir_and_one_thread(tmp_path, monkeypatch):
-    monkeypatch.setenv("CDL_CACHE_DIR", str(tmp_path / "cache"))
-    # One intra-op thread: these models are tiny, and on a busy 2-core machine multi-threaded kernels
-    # (QR in particular) stall for ~0.2 s per call. Restored afterwards for other test files.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # -- small references -------------------------------------------------------------------------------------
 
 

@@ -20,17 +20,6 @@ N_TASKS, CLASSES_PER_TASK, TRAIN_PER_CLASS, TEST_PER_CLASS = 2, 5, 1, 1
 BATCH = CLASSES_PER_TASK * TRAIN_PER_CLASS  # one step per task
 
 
-@pytest.fixture(autouse=True)
-def _cache_dir_and_one_thread(tmp_path, monkeypatch):
-    monkeypatch.setenv("CDL_CACHE_DIR", str(tmp_path / "cache"))
-    # One intra-op thread: these models are tiny, and on a busy 2-core machine multi-threaded kernels
-    # (QR in particular) stall for ~0.2 s per call. Restored afterwards for other test files.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_cfg(method="coda", kd="cdl_prompt", schedule="sequential", teacher=True, prompt_params=None, **distill):
     return RunConfig(
         data=DataConfig(name="synthetic", n_tasks=N_TASKS, train_per_class=TRAIN_PER_CLASS, test_per_class=TEST_PER_CLASS, val_fraction=0.0),

@@ -1,0 +1,465 @@
+"""The sweep orchestrator without a Ray cluster: loading and validating search spaces, define-by-run overrides,
+the dry-run plan, the resource check, per-cell Optuna search and pruning driven by hand, and the MLflow helpers."""
+from __future__ import annotations
+
+import re
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import optuna
+import pytest
+from ray.tune.schedulers import TrialScheduler
+from ray.tune.search import Searcher
+
+from orchestrator import sweep
+from orchestrator.pruning import CellStudies, OptunaPruningScheduler, PerCellOptunaSearch
+from orchestrator.space import SpaceError, SweepSpace, available_spaces, load_space
+from orchestrator.sweep import SweepError, check_resources, main
+from orchestrator.tracking import flatten, save_matrix_artifacts, trial_status
+from search_spaces import full, paper, smoke
+
+pytestmark = pytest.mark.usefixtures("forbid_demo_pretraining")
+
+RANDOM_WEIGHTS = {"student.weights": "random", "teacher.weights": "random"}
+TINY = RANDOM_WEIGHTS | {"data.n_tasks": 5, "train.device": "cpu"}
+
+
+def write_space(tmp_path: Path, body: str, name: str = "space.py") -> str:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(body))
+    return str(path)
+
+
+def tiny_space_file(tmp_path: Path, **fields: str) -> str:
+    """A valid tiny space file; each keyword replaces one SweepSpace argument's source text."""
+    args = {
+        "name": '"tiny"', "description": '"test"', "pairs": '[("demo-t", "demo-s"), (None, "demo-s")]',
+        "methods": '["coda"]', "kd_methods": '["kd"]', "datasets": '["synthetic"]', "tune": "tune",
+        "trials_per_cell": "2", "base": repr(TINY), "pruner": '"median"', "pruner_args": '{"n_startup_trials": 1}',
+    } | fields
+    return write_space(tmp_path, f"""
+        from orchestrator.space import SweepSpace
+
+        def tune(trial, cell):
+            if cell.kd == "none":
+                return {{}}
+            return {{"distill.alpha": trial.suggest_float("alpha", 0.1, 0.9)}}
+
+        SPACE = SweepSpace({", ".join(f"{k}={v}" for k, v in args.items())})
+        """)
+
+
+def tuned_trials(space: SweepSpace, n_teacher_cells: int, n_alone_cells: int) -> int:
+    """Cells with a teacher tune KD settings (trials_per_cell each); student-alone cells have one trial."""
+    return n_teacher_cells * space.trials_per_cell + n_alone_cells
+
+
+# -- the shipped spaces ------------------------------------------------------------------------------------------
+def test_available_spaces_lists_the_shipped_space_modules():
+    assert {"smoke", "full", "paper"} <= set(available_spaces())
+
+
+def test_smoke_space_loads_with_nine_cells_and_twenty_one_trials():
+    space = load_space("smoke")
+    assert space == smoke.SPACE
+    teacher_pairs = sum(1 for t, _ in space.pairs if t)
+    alone_pairs = len(space.pairs) - teacher_pairs
+    n_teacher = teacher_pairs * len(space.methods) * len(space.kd_methods) * len(space.datasets) * len(space.seeds)
+    n_alone = alone_pairs * len(space.methods) * len(space.datasets) * len(space.seeds)
+    assert (n_teacher, n_alone) == (6, 3)
+    cells = space.cells()
+    assert len(cells) == 9
+    assert sum(space.trials_for(c) for c in cells) == tuned_trials(space, n_teacher, n_alone) == 21
+    assert {c.kd for c in cells} == {"kd", "cdl_prompt", "none"}
+    assert all(space.trials_for(c) == (1 if c.kd == "none" else 3) for c in cells)
+
+
+def test_full_space_covers_the_paper_pairs_all_methods_both_datasets_three_seeds_on_gpus():
+    space = load_space("full")
+    L, B, S, T = full.L, full.B, full.S, full.T
+    assert {(L, B), (B, S), (B, T)} <= set(space.pairs)
+    assert {(None, B), (None, S), (None, T)} <= set(space.pairs)
+    assert set(space.methods) == {"l2p", "dualprompt", "coda"}
+    assert set(space.kd_methods) == {"kd", "dkd", "cdl_prompt"}
+    assert set(space.datasets) == {"cifar100", "imagenet_r"} and list(space.seeds) == [0, 1, 2]
+    assert space.gpus_per_trial >= 1
+    n_teacher = 3 * 3 * 3 * 2 * 3  # teacher pairs x methods x KD methods x datasets x seeds
+    n_alone = 3 * 3 * 2 * 3  # no-teacher pairs x methods x datasets x seeds
+    cells = space.cells()
+    assert len(cells) == n_teacher + n_alone == 216
+    assert sum(space.trials_for(c) for c in cells) == tuned_trials(space, n_teacher, n_alone)
+    pairs = {(c.teacher, c.student) for c in cells}
+    assert pairs == {(L, B), (B, S), (B, T), (None, B), (None, S), (None, T)}
+
+
+def test_paper_space_has_one_untuned_trial_per_published_row_and_dataset():
+    space = load_space("paper")
+    cells = space.cells()
+    assert len(paper.ROWS) == 8
+    assert {(c.teacher, c.student, c.method) for c in cells} == paper.ROWS
+    assert len(cells) == 8 * 2
+    assert all(space.trials_for(c) == 1 for c in cells)
+    assert all(c.kd == ("cdl_prompt" if c.teacher else "none") for c in cells)
+    large = next(c for c in cells if c.teacher == paper.L)
+    config = space.run_config(large, space.tune(None, large))
+    assert (config["distill"]["alpha"], config["distill"]["temperature"]) == (0.5, 2.0)
+    assert config["train"]["batch_size"] == 32  # the paper's batch for a ViT-L teacher
+
+
+# -- malformed spaces --------------------------------------------------------------------------------------------
+def test_unknown_space_name_lists_the_available_spaces(capsys):
+    with pytest.raises(SpaceError, match=r"unknown space 'nope'.*available: .*full.*paper.*smoke"):
+        load_space("nope")
+    assert main(["--space", "nope", "--dry-run"]) == 2
+    assert "error: unknown space 'nope'" in capsys.readouterr().err
+
+
+def test_space_file_that_does_not_exist_is_an_error(tmp_path, capsys):
+    with pytest.raises(SpaceError, match="does not exist"):
+        load_space(str(tmp_path / "missing.py"))
+    assert main(["--space", str(tmp_path / "missing.py"), "--dry-run"]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_the_tiny_space_file_used_below_is_valid(tmp_path):
+    space = load_space(tiny_space_file(tmp_path))
+    assert [c.kd for c in space.cells()] == ["kd", "none"]
+
+
+BAD_SPACES = {
+    "no SPACE": (None, r"must define SPACE = SweepSpace"),
+    "prompt method": ({"methods": '["coda", "vpt"]'}, r"unknown prompt method \['vpt'\]; valid: .*coda.*l2p"),
+    "KD method": ({"kd_methods": '["kd", "fitnet"]'}, r"unknown KD method \['fitnet'\]; valid: .*cdl_prompt.*dkd"),
+    "dataset": ({"datasets": '["mnist"]'}, r"unknown dataset \['mnist'\]; valid: .*fashion_mnist.*synthetic"),
+    "student preset": ({"pairs": '[(None, "vit_huge")]'}, r"unknown student \['vit_huge'\]; valid: .*demo-s"),
+    "teacher preset": ({"pairs": '[("demo-x", "demo-s")]'}, r"unknown teacher \['demo-x'\]; valid: .*demo-t"),
+    "pruner": ({"pruner": '"asha"'}, r"unknown pruner \['asha'\]; valid: .*hyperband.*median"),
+    "pruner_args": ({"pruner_args": '{"n_startup": 1}'}, r"pruner_args do not fit pruner 'median'"),
+    "trials_per_cell": ({"trials_per_cell": "0"}, r"trials_per_cell=0 must be at least 1"),
+    "invalid run config": ({"base": repr(TINY | {"train.epochs": 0})}, r"cell .*train\.epochs=0 must be at least 1"),
+    "invalid tuned value": ({"tune": 'lambda trial, cell: {"distill.alpha": 2.0}'}, r"distill\.alpha=2\.0 must be in \[0, 1\]"),
+    "unknown config field": ({"base": repr(TINY | {"train.epochz": 2})}, r"unknown field\(s\) epochz"),
+    "none as KD method": ({"kd_methods": '["kd", "none"]'}, r"'none' in kd_methods duplicates the student-alone"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SPACES))
+def test_malformed_space_file_is_a_space_error_and_main_exits_2(tmp_path, capsys, case):
+    fields, message = BAD_SPACES[case]
+    path = write_space(tmp_path, "from orchestrator.space import SweepSpace\nspace = None\n") if fields is None \
+        else tiny_space_file(tmp_path, **fields)
+    with pytest.raises(SpaceError, match=message):
+        load_space(path)
+    assert main(["--space", path, "--dry-run"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and re.search(message, captured.err)
+    assert captured.out == ""
+
+
+def test_negative_max_concurrent_is_rejected_with_exit_code_2(capsys):
+    assert main(["--space", "smoke", "--max-concurrent", "-1", "--dry-run"]) == 2
+    assert "error: --max-concurrent=-1 must be >= 0" in capsys.readouterr().err
+
+
+def test_cli_overrides_that_make_the_space_invalid_are_rejected(capsys):
+    assert main(["--space", "smoke", "--cpus-per-trial", "0", "--dry-run"]) == 2
+    assert "error: space 'smoke': cpus_per_trial must be > 0" in capsys.readouterr().err
+    assert main(["--space", "smoke", "--gpus-per-trial", "-1", "--dry-run"]) == 2
+    assert "gpus_per_trial >= 0" in capsys.readouterr().err
+
+
+# -- define-by-run overrides -------------------------------------------------------------------------------------
+def two_pair_space(**kwargs) -> SweepSpace:
+    fields = dict(
+        name="t", description="", pairs=[("demo-t", "demo-s"), (None, "demo-s")], methods=["coda"], kd_methods=["kd"],
+        datasets=["synthetic", "fashion_mnist"], base=dict(TINY),
+    ) | kwargs
+    return SweepSpace(**fields).validate()
+
+
+def test_run_config_applies_base_then_per_dataset_then_tuned_overrides():
+    space = two_pair_space(
+        base=TINY | {"train.epochs": 2, "train.lr": 0.5},
+        per_dataset={"synthetic": {"train.epochs": 3}, "fashion_mnist": {"train.epochs": 5, "train.lr": 0.25}},
+    )
+    kd = {c.dataset: c for c in space.cells() if c.kd == "kd"}
+    synthetic = space.run_config(kd["synthetic"], {"distill.alpha": 0.3, "train.lr": 0.125})
+    assert synthetic["train"]["epochs"] == 3 and synthetic["train"]["lr"] == 0.125 and synthetic["distill"]["alpha"] == 0.3
+    fmnist = space.run_config(kd["fashion_mnist"])
+    assert fmnist["train"]["epochs"] == 5 and fmnist["train"]["lr"] == 0.25 and fmnist["distill"]["alpha"] == 0.5
+    assert fmnist["data"]["name"] == "fashion_mnist" and fmnist["data"]["n_tasks"] == 5
+    assert (fmnist["teacher"], fmnist["student"]) == ({"preset": "demo-t", "weights": "random"}, {"preset": "demo-s", "weights": "random"})
+    assert (fmnist["prompt"]["method"], fmnist["distill"]["method"]) == ("coda", "kd")
+
+
+def test_teacher_overrides_are_ignored_for_no_teacher_cells():
+    space = two_pair_space(base=TINY | {"teacher.preset": "demo-s"})
+    alone = next(c for c in space.cells() if c.teacher is None)
+    config = space.run_config(alone, {"teacher.weights": "random"})
+    assert config["teacher"] is None and config["distill"]["method"] == "none"
+    with_teacher = next(c for c in space.cells() if c.teacher)
+    assert space.run_config(with_teacher)["teacher"] == {"preset": "demo-s", "weights": "random"}
+
+
+def test_override_into_a_non_section_is_a_space_error():
+    space = two_pair_space()
+    with pytest.raises(SpaceError, match=r"'train\.lr\.x': 'lr' is not a section"):
+        space.run_config(space.cells()[0], {"train.lr.x": 1})
+
+
+def tuned_space(storage_dir: Path, **kwargs) -> tuple[SweepSpace, PerCellOptunaSearch]:
+    def tune(trial, cell):
+        if cell.kd == "none":
+            return {}
+        return {"distill.alpha": trial.suggest_float("alpha", 0.1, 0.9),
+                "train.lr": trial.suggest_float("lr", 1e-4, 1e-2, log=True),
+                "train.epochs": trial.suggest_int("epochs", 1, 4)}
+
+    fields = dict(name="t", description="", pairs=[("demo-t", "demo-s"), (None, "demo-s")], methods=["coda", "l2p"],
+                  kd_methods=["kd"], datasets=["synthetic"], base=dict(TINY), tune=tune, trials_per_cell=3,
+                  pruner="median", pruner_args={"n_startup_trials": 2, "n_warmup_steps": 1})
+    space = SweepSpace(**(fields | kwargs)).validate()
+    storage = f"sqlite:///{storage_dir / 'optuna.db'}"
+    return space, PerCellOptunaSearch(space, CellStudies(space, "sweep1", storage))
+
+
+def test_suggested_trial_carries_the_tuned_values_in_its_run_config(tmp_path):
+    space, searcher = tuned_space(tmp_path)
+    config = searcher.suggest("t0")  # breadth first: the first cell is a KD cell
+    cell = searcher.cells[config["cell"]]
+    assert cell.kd == "kd" and set(config["tuned"]) == {"alpha", "lr", "epochs"}
+    run = config["run"]
+    assert run["distill"]["alpha"] == config["tuned"]["alpha"]
+    assert run["train"]["lr"] == config["tuned"]["lr"] and run["train"]["epochs"] == config["tuned"]["epochs"]
+    assert run == space.run_config(cell, {"distill.alpha": config["tuned"]["alpha"], "train.lr": config["tuned"]["lr"],
+                                          "train.epochs": config["tuned"]["epochs"]})
+    study = searcher.studies.study(cell)
+    assert config["optuna_study"] == f"sweep1/{cell.key}" == study.study_name
+    assert study.trials[config["optuna_trial"]].params == config["tuned"]
+    assert study.trials[config["optuna_trial"]].user_attrs["tune_trial_id"] == "t0"
+
+
+# -- dry run -----------------------------------------------------------------------------------------------------
+def dry_run_numbers(out: str) -> dict[str, float]:
+    head = re.search(r"space (\S+): (\d+) cells, (\d+) trials", out)
+    res = re.search(r"resources per trial: ([\d.]+) CPU, ([\d.]+) GPU", out)
+    teachers = re.search(r"teacher trainings: (\d+) .*distinct teachers: (\d+)", out)
+    assert head and res and teachers, out
+    rows = dict(re.findall(r"^(\S+\.s\d+)\s+(\d+)$", out, flags=re.M))
+    return {"cells": int(head[2]), "trials": int(head[3]), "cpu": float(res[1]), "gpu": float(res[2]),
+            "teacher_trainings": int(teachers[1]), "distinct_teachers": int(teachers[2]),
+            "rows": {k: int(v) for k, v in rows.items()}}
+
+
+@pytest.mark.parametrize("name", ["smoke", "full"])
+def test_dry_run_prints_the_plan_without_starting_ray(name, capsys):
+    import ray
+
+    assert main(["--space", name, "--dry-run"]) == 0
+    assert not ray.is_initialized()
+    got = dry_run_numbers(capsys.readouterr().out)
+    space = load_space(name)
+    n_seeds, n_data = len(space.seeds), len(space.datasets)
+    teacher_pairs = [p for p in space.pairs if p[0]]
+    n_teacher_cells = len(teacher_pairs) * len(space.methods) * len(space.kd_methods) * n_data * n_seeds
+    n_alone_cells = (len(space.pairs) - len(teacher_pairs)) * len(space.methods) * n_data * n_seeds
+    expected = {
+        "smoke": dict(cells=9, trials=21, cpu=1, gpu=0, teacher_trainings=6 * 3, distinct_teachers=3),
+        # a teacher depends on (teacher, student, method, dataset, seed), not on the KD method
+        "full": dict(cells=216, trials=n_teacher_cells * 8 + n_alone_cells, cpu=4, gpu=1,
+                     teacher_trainings=n_teacher_cells * 8, distinct_teachers=3 * 3 * 2 * 3),
+    }[name]
+    assert (n_teacher_cells + n_alone_cells) == expected["cells"]
+    assert {k: got[k] for k in expected} == expected
+    assert len(got["rows"]) == expected["cells"] and sum(got["rows"].values()) == expected["trials"]
+    for key, trials in got["rows"].items():
+        assert trials == (1 if ".none." in key else space.trials_per_cell), key
+
+
+def test_dry_run_applies_resource_overrides(capsys):
+    assert main(["--space", "full", "--dry-run", "--gpus-per-trial", "0.5", "--cpus-per-trial", "2"]) == 0
+    got = dry_run_numbers(capsys.readouterr().out)
+    assert (got["cpu"], got["gpu"]) == (2, 0.5)
+
+
+# -- resource check ----------------------------------------------------------------------------------------------
+def test_resource_check_names_the_missing_gpu():
+    space = load_space("full")
+    with pytest.raises(SweepError, match=r"1 GPU per trial but the cluster has 0") as info:
+        check_resources(space, {"CPU": 2.0})
+    assert "4 CPU per trial but the cluster has 2" in str(info.value) and "--gpus-per-trial" in str(info.value)
+    check_resources(space, {"CPU": 8.0, "GPU": 1.0})
+
+
+def test_resource_check_passes_for_a_cpu_space_that_fits():
+    check_resources(load_space("smoke"), {"CPU": 2.0})
+    with pytest.raises(SweepError, match=r"1 CPU per trial but the cluster has 0"):
+        check_resources(load_space("smoke"), {})
+
+
+def test_gpus_per_trial_zero_on_the_command_line_makes_a_gpu_space_fit(monkeypatch):
+    seen = {}
+
+    def fake_run_sweep(space, plan, args):  # what run_sweep does first, with this machine's resources
+        seen["space"] = space
+        check_resources(space, {"CPU": 2.0})
+        return 0
+
+    monkeypatch.setattr(sweep, "run_sweep", fake_run_sweep)
+    assert main(["--space", "full", "--gpus-per-trial", "0", "--cpus-per-trial", "1"]) == 0
+    assert (seen["space"].gpus_per_trial, seen["space"].cpus_per_trial) == (0, 1)
+    assert main(["--space", "full", "--cpus-per-trial", "1"]) == 2  # still asks for one GPU
+    assert full.SPACE.gpus_per_trial == 1 and load_space("full").gpus_per_trial == 1  # the module's SPACE is untouched
+
+
+# -- per-cell Optuna search and pruning, driven without Ray ------------------------------------------------------
+def report(scheduler: OptunaPruningScheduler, trial_id: str, task: int, n_tasks: int, value: float) -> str:
+    result = {"task": task, "n_tasks": n_tasks, "val_avg_acc": value, "test_avg_acc": 0.0}
+    return scheduler.on_trial_result(None, SimpleNamespace(trial_id=trial_id), result)
+
+
+def test_trials_are_assigned_breadth_first_and_each_cell_gets_its_quota_then_finished(tmp_path):
+    space, searcher = tuned_space(tmp_path)
+    cells = space.cells()
+    assert len(cells) == 4  # (kd, none) x (coda, l2p)
+    quota = {c.key: (3 if c.kd == "kd" else 1) for c in cells}
+    configs = [searcher.suggest(f"t{i}") for i in range(sum(quota.values()))]
+    assert all(isinstance(c, dict) for c in configs)
+    assert {c["cell"] for c in configs[: len(cells)]} == set(quota)  # every cell gets a trial first
+    assert {c["cell"] for c in configs[len(cells): len(cells) + 2]} == {k for k, n in quota.items() if n == 3}
+    assert searcher.suggest("extra") == Searcher.FINISHED
+    for cell in cells:
+        study = searcher.studies.study(cell)
+        assert len(study.trials) == quota[cell.key] == space.trials_for(cell)
+        assert [t.number for t in study.trials] == sorted(c["optuna_trial"] for c in configs if c["cell"] == cell.key)
+    names = {s.study_name for s in optuna.get_all_study_summaries(searcher.studies.storage_url)}
+    assert names == {f"sweep1/{c.key}" for c in cells}
+
+
+def test_a_trial_far_below_its_cells_completed_trials_is_pruned_and_recorded_pruned(tmp_path):
+    space, searcher = tuned_space(tmp_path)
+    scheduler = OptunaPruningScheduler(searcher)
+    configs = {f"t{i}": searcher.suggest(f"t{i}") for i in range(8)}
+    by_cell: dict[str, list[str]] = {}
+    for tid, config in configs.items():
+        by_cell.setdefault(config["cell"], []).append(tid)
+    kd_cells = [k for k, ids in by_cell.items() if len(ids) == 3]
+    (good1, good2, bad), other = by_cell[kd_cells[0]], by_cell[kd_cells[1]][0]
+    for tid in (good1, good2):
+        for task in (1, 2, 3):
+            assert report(scheduler, tid, task, 3, 90.0) == TrialScheduler.CONTINUE
+        searcher.on_trial_complete(tid, {"val_avg_acc": 90.0, "task": 3, "n_tasks": 3})
+    assert report(scheduler, bad, 1, 3, 10.0) == TrialScheduler.STOP
+    assert searcher.pruned == {bad: 1}
+    # the same values in another cell are not judged by the first cell's history
+    assert report(scheduler, other, 1, 3, 10.0) == TrialScheduler.CONTINUE
+    assert report(scheduler, other, 2, 3, 10.0) == TrialScheduler.CONTINUE
+    searcher.on_trial_complete(bad, {"val_avg_acc": 10.0, "task": 1, "n_tasks": 3})
+    study = searcher.studies.study(searcher.cells[kd_cells[0]])
+    states = {t.number: t.state for t in study.trials}
+    assert states[configs[bad]["optuna_trial"]] == optuna.trial.TrialState.PRUNED
+    assert study.trials[configs[bad]["optuna_trial"]].intermediate_values == {1: 10.0}
+    assert [states[configs[t]["optuna_trial"]] for t in (good1, good2)] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert [study.trials[configs[t]["optuna_trial"]].value for t in (good1, good2)] == [90.0, 90.0]
+    assert study.trials[configs[good1]["optuna_trial"]].intermediate_values == {1: 90.0, 2: 90.0, 3: 90.0}
+
+
+def test_a_trial_is_never_pruned_at_its_last_task(tmp_path):
+    space, searcher = tuned_space(tmp_path, trials_per_cell=3)
+    scheduler = OptunaPruningScheduler(searcher)
+    configs = {f"t{i}": searcher.suggest(f"t{i}") for i in range(8)}
+    cell = configs["t0"]["cell"]
+    good1, good2, late = [t for t, c in configs.items() if c["cell"] == cell]
+    for tid in (good1, good2):
+        for task in (1, 2, 3):
+            report(scheduler, tid, task, 3, 90.0)
+        searcher.on_trial_complete(tid, {"val_avg_acc": 90.0, "task": 3, "n_tasks": 3})
+    # a trial whose first report is its last task (e.g. restored from a checkpoint): the pruner would stop it
+    # at any earlier task with this value, but after the last task there is nothing left to save
+    assert report(scheduler, late, 3, 3, 10.0) == TrialScheduler.CONTINUE
+    assert late not in searcher.pruned
+    searcher.on_trial_complete(late, {"val_avg_acc": 10.0, "task": 3, "n_tasks": 3})
+    trial = searcher.studies.study(searcher.cells[cell]).trials[configs[late]["optuna_trial"]]
+    assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == 10.0
+
+
+def test_errors_and_results_without_the_metric_are_told_as_failed(tmp_path):
+    space, searcher = tuned_space(tmp_path)
+    configs = {f"t{i}": searcher.suggest(f"t{i}") for i in range(3)}
+    searcher.on_trial_complete("t0", None, error=True)
+    searcher.on_trial_complete("t1", {"task": 1})
+    searcher.on_trial_complete("t2", {"val_avg_acc": 55.0})
+    searcher.on_trial_complete("t2", error=True)  # already told: ignored
+    searcher.on_trial_complete("unknown")  # not ours: ignored
+    states = {}
+    for tid, config in configs.items():
+        trial = searcher.studies.study(searcher.cells[config["cell"]]).trials[config["optuna_trial"]]
+        states[tid] = (trial.state, trial.value)
+    assert states == {"t0": (optuna.trial.TrialState.FAIL, None), "t1": (optuna.trial.TrialState.FAIL, None),
+                      "t2": (optuna.trial.TrialState.COMPLETE, 55.0)}
+
+
+def test_searcher_save_and_restore_keeps_assignments_and_pruned_trials(tmp_path):
+    space, searcher = tuned_space(tmp_path)
+    scheduler = OptunaPruningScheduler(searcher)
+    configs = {f"t{i}": searcher.suggest(f"t{i}") for i in range(6)}
+    cell = configs["t0"]["cell"]
+    same_cell = [t for t, c in configs.items() if c["cell"] == cell]
+    assert len(same_cell) == 2
+    searcher.pruned["t1"] = 2  # as if pruned after task 2
+    report(scheduler, same_cell[0], 1, 3, 70.0)
+    checkpoint = tmp_path / "searcher.pkl"
+    searcher.save(str(checkpoint))
+
+    _, restored = tuned_space(tmp_path)  # a fresh driver: same space and storage
+    restored.restore(str(checkpoint))
+    assert restored.assigned == searcher.assigned and restored.pruned == {"t1": 2}
+    assert restored.suggest("t0") is None  # Tune re-asking for a known trial
+    # remaining quota continues where it stopped: 8 trials in all
+    more = [restored.suggest(f"n{i}") for i in range(2)]
+    assert all(isinstance(m, dict) for m in more) and restored.suggest("n9") == Searcher.FINISHED
+    for config in more:  # a fresh sampler must not replay the settings its cell tried before the restart
+        earlier = [c["tuned"] for c in configs.values() if c["cell"] == config["cell"]]
+        assert len(earlier) == 2 and config["tuned"] not in earlier
+    # a trial started before the restart keeps reporting into, and finishing, its Optuna trial
+    report(OptunaPruningScheduler(restored), same_cell[0], 2, 3, 75.0)
+    restored.on_trial_complete(same_cell[0], {"val_avg_acc": 80.0})
+    trial = restored.studies.study(restored.cells[cell]).trials[configs[same_cell[0]]["optuna_trial"]]
+    assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == 80.0
+    assert trial.intermediate_values == {1: 70.0, 2: 75.0}
+
+
+def test_searcher_pickles_without_database_handles(tmp_path):
+    from ray import cloudpickle  # what Tune pickles the search algorithm with
+
+    space, searcher = tuned_space(tmp_path)
+    searcher.suggest("t0")
+    searcher.studies.study(searcher.cells[searcher.assigned["t0"][0]])
+    clone = cloudpickle.loads(cloudpickle.dumps(searcher))
+    assert clone.assigned == searcher.assigned and clone._live == {} and clone.studies._studies == {}
+
+
+# -- tracking helpers --------------------------------------------------------------------------------------------
+def test_flatten_gives_dotted_string_params():
+    tree = {"data": {"name": "synthetic", "n_tasks": 5, "root": None}, "train": {"betas": [0.9, 0.999]},
+            "teacher": None, "prompt": {"params": {}}}
+    assert flatten(tree) == {"data.name": "synthetic", "data.n_tasks": "5", "data.root": "None",
+                             "train.betas": "[0.9, 0.999]", "teacher": "None", "prompt.params": "{}"}
+
+
+def test_trial_status_distinguishes_completed_pruned_and_failed():
+    assert trial_status({"task": 5, "n_tasks": 5}) == "completed"
+    assert trial_status({"task": 2, "n_tasks": 5}) == "pruned"
+    assert trial_status({}) == "failed" and trial_status(None) == "failed"
+
+
+def test_save_matrix_artifacts_writes_the_matrix_csv_and_two_pngs(tmp_path):
+    matrix = [[90.0], [80.5, 70.25], [60.0, 50.0, 40.0]]
+    paths = save_matrix_artifacts(matrix, tmp_path, "cell")
+    assert [p.name for p in paths] == ["accuracy_matrix.csv", "accuracy_matrix.png", "accuracy_curve.png"]
+    assert paths[0].read_text().splitlines() == [
+        "after_task,task1,task2,task3", "1,90.00,,", "2,80.50,70.25,", "3,60.00,50.00,40.00"]
+    for png in paths[1:]:
+        data = png.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000

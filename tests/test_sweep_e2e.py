@@ -1,0 +1,330 @@
+"""End-to-end sweeps through real Ray Tune, MLflow and Optuna: tiny spaces on the synthetic stream with random
+backbones, one CPU per trial. Ray starts once for the module; `run_sweep`'s own ray.init/ray.shutdown are
+turned into no-ops while it runs (the resume test also runs the real CLI, with its own Ray, in a subprocess)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from orchestrator.sweep import main
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("forbid_demo_pretraining")]
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"student.weights": "random", "teacher.weights": "random", "data.n_tasks": 5, "data.train_per_class": 10,
+        "data.test_per_class": 5, "data.train_augment": False, "train.batch_size": 8, "train.device": "cpu"}
+COMPLETE, PRUNED = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    patch = pytest.MonkeyPatch()
+    patch.setattr(ray, "init", lambda *args, **kwargs: None)
+    patch.setattr(ray, "shutdown", lambda *args, **kwargs: None)
+    yield ray
+    patch.undo()
+    ray.shutdown()
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch, ray_cluster) -> Path:
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def write_space(directory: Path, name: str, tune: str, **fields) -> str:
+    """A space file: `tune` is the body of tune(trial, cell); fields are SweepSpace arguments (as values)."""
+    args = dict(name=name, description="e2e test", pairs=[("demo-t", "demo-s"), (None, "demo-s")], methods=["coda"],
+                kd_methods=["kd"], datasets=["synthetic"], trials_per_cell=2, base=TINY, cpus_per_trial=1,
+                pruner="median", pruner_args={"n_startup_trials": 1, "n_warmup_steps": 1}) | fields
+    path = directory / f"{name}.py"
+    path.write_text("from orchestrator.space import SweepSpace\n\n\ndef tune(trial, cell):\n"
+                    + textwrap.indent(textwrap.dedent(tune).strip(), "    ")
+                    + f"\n\n\nSPACE = SweepSpace(tune=tune, {', '.join(f'{k}={v!r}' for k, v in args.items())})\n")
+    return str(path)
+
+
+KD_ALPHA = """
+if cell.kd == "none":
+    return {}
+return {"distill.alpha": trial.suggest_float("alpha", 0.1, 0.9)}
+"""
+
+
+def mlflow_runs(uri: str, experiment: str) -> tuple[MlflowClient, object, list]:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no MLflow experiment {experiment!r}"
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("role") == "sweep"]
+    assert len(parents) == 1
+    return client, parents[0], [r for r in runs if r.data.tags.get("role") != "sweep"]
+
+
+def steps(client: MlflowClient, run_id: str, metric: str = "val_avg_acc") -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, metric))
+
+
+def optuna_trials(storage: str, sweep: str) -> dict[str, list]:
+    studies = {s.study_name: optuna.load_study(study_name=s.study_name, storage=storage).trials
+               for s in optuna.get_all_study_summaries(storage)}
+    assert all(name.startswith(f"{sweep}/") for name in studies)
+    return {name.removeprefix(f"{sweep}/"): trials for name, trials in studies.items()}
+
+
+def check_tracked_sweep(uri: str, experiment: str, sweep: str, n_tasks: int, expected_trials: int) -> list:
+    """Everything MLflow holds about a finished sweep; returns the child runs."""
+    client, parent, children = mlflow_runs(uri, experiment)
+    assert parent.info.status == "FINISHED" and parent.data.tags["sweep"] == sweep
+    assert len(children) == expected_trials
+    assert len({c.data.tags["tune_trial_id"] for c in children}) == expected_trials
+    for run in children:
+        tags, params = run.data.tags, run.data.params
+        assert run.info.status == "FINISHED", run.data.tags
+        assert tags["mlflow.parentRunId"] == parent.info.run_id and tags["role"] == "trial"
+        assert {"teacher", "student", "method", "kd", "dataset", "cell", "status"} <= set(tags)
+        assert tags["status"] in ("completed", "pruned")
+        config = json.loads(Path(client.download_artifacts(run.info.run_id, "config.json")).read_text())
+        assert params["data.n_tasks"] == str(n_tasks) == str(config["data"]["n_tasks"])
+        assert params["student.preset"] == tags["student"] == config["student"]["preset"]
+        assert params["distill.method"] == tags["kd"] and params["prompt.method"] == tags["method"]
+        assert tags["teacher"] == (config["teacher"] or {}).get("preset", "none")
+        assert tags["cell"] == f"{tags['teacher']}-{tags['student']}.{tags['method']}.{tags['kd']}.{tags['dataset']}.s0"
+        last = n_tasks if tags["status"] == "completed" else int(tags["pruned_after_task"])
+        assert last <= n_tasks and (last < n_tasks) == (tags["status"] == "pruned")
+        assert steps(client, run.info.run_id) == list(range(1, last + 1))  # every task once
+        assert steps(client, run.info.run_id, "test_avg_acc") == list(range(1, last + 1))
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"config.json", "accuracy_matrix.csv", "accuracy_matrix.png", "accuracy_curve.png"} <= artifacts
+    return children
+
+
+def check_optuna_matches_mlflow(storage: str, sweep: str, client: MlflowClient, children: list) -> None:
+    studies = optuna_trials(storage, sweep)
+    assert set(studies) == {c.data.tags["cell"] for c in children}
+    for run in children:
+        tags = run.data.tags
+        assert tags["optuna_study"] == f"{sweep}/{tags['cell']}"
+        trial = studies[tags["cell"]][int(tags["optuna_trial"])]
+        assert trial.state == {"completed": COMPLETE, "pruned": PRUNED}[tags["status"]]
+        assert sorted(trial.intermediate_values) == steps(client, run.info.run_id)  # pruner saw every task
+    assert sum(len(trials) for trials in studies.values()) == len(children)
+
+
+# -- 1. a tiny sweep, fully tracked ------------------------------------------------------------------------------
+def test_tiny_sweep_runs_concurrent_trials_and_tracks_everything_in_mlflow_and_optuna(workdir, capfd):
+    space = write_space(workdir, "tiny", KD_ALPHA)  # cells: demo-t->demo-s kd (2 trials), demo-s alone (1 trial)
+    assert main(["--space", space, "--name", "tiny1", "--max-concurrent", "2"]) == 0
+    out = capfd.readouterr()
+    assert "database is locked" not in out.out + out.err
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    children = check_tracked_sweep(uri, "tiny1", "tiny1", n_tasks=5, expected_trials=3)
+    assert sorted(c.data.tags["cell"] for c in children) == [
+        "demo-t-demo-s.coda.kd.synthetic.s0", "demo-t-demo-s.coda.kd.synthetic.s0", "none-demo-s.coda.none.synthetic.s0"]
+    spans = sorted((c.info.start_time, c.info.end_time) for c in children)
+    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:]))  # trials really ran side by side
+    kd_runs = [c for c in children if c.data.tags["kd"] == "kd"]
+    assert all(0.1 <= float(c.data.params["distill.alpha"]) <= 0.9 for c in kd_runs)
+    assert all(c.data.params["distill.alpha"] == c.data.params["tuned.alpha"] for c in kd_runs)
+    alone = next(c for c in children if c.data.tags["kd"] == "none")
+    assert alone.data.tags["teacher"] == "none" and alone.data.params["teacher"] == "None"
+    assert "teacher_val_avg_acc" in kd_runs[0].data.metrics and "teacher_val_avg_acc" not in alone.data.metrics
+    check_optuna_matches_mlflow(f"sqlite:///{workdir / 'optuna.db'}", "tiny1", MlflowClient(uri), children)
+    # the sweep name is taken: a second run must resume, not silently start over
+    assert main(["--space", space, "--name", "tiny1"]) == 2
+    assert "already exists" in capfd.readouterr().err
+
+
+# -- 2. the pruner stops a planted bad setting -------------------------------------------------------------------
+# Measured here (synthetic, 2 tasks x 5 classes, 30 train / 10 val images per class, no augmentation, seeds 0-5):
+# lr 1e-2 x 4 epochs reaches val accuracy 100% after task 1; lr 1e-9 (the head stays at its init) 20-40%.
+PLANTED = """
+good = trial.number < 2  # the cell's first two trials are good, the third is planted bad
+return {"train.lr": 1e-2 if good else 1e-9, "train.epochs": 4 if good else 1}
+"""
+
+
+def test_a_planted_bad_setting_is_pruned_before_the_last_task_while_good_ones_finish(workdir, capfd):
+    n_tasks = 2
+    space = write_space(
+        workdir, "planted", PLANTED, pairs=[(None, "demo-s")], kd_methods=[], trials_per_cell=3,
+        base=TINY | {"data.n_tasks": n_tasks, "data.train_per_class": 40, "data.val_fraction": 0.25},
+        pruner="median", pruner_args={"n_startup_trials": 2, "n_warmup_steps": 1},
+    )
+    assert main(["--space", space, "--name", "planted", "--max-concurrent", "1"]) == 0  # good trials report first
+    (trials,) = optuna_trials(f"sqlite:///{workdir / 'optuna.db'}", "planted").values()
+    assert [t.state for t in trials] == [COMPLETE, COMPLETE, PRUNED]
+    good1, good2, bad = trials
+    assert sorted(good1.intermediate_values) == sorted(good2.intermediate_values) == list(range(1, n_tasks + 1))
+    assert len(bad.intermediate_values) < n_tasks
+    assert max(bad.intermediate_values.values()) < min(good1.intermediate_values[1], good2.intermediate_values[1])
+    client, _, children = mlflow_runs(f"sqlite:///{workdir / 'mlflow.db'}", "planted")
+    by_trial = {int(c.data.tags["optuna_trial"]): c for c in children}
+    assert by_trial[2].data.params["train.lr"] == "1e-09" and by_trial[0].data.params["train.lr"] == "0.01"
+    assert by_trial[2].data.tags["status"] == "pruned"
+    assert int(by_trial[2].data.tags["pruned_after_task"]) == len(bad.intermediate_values) < n_tasks
+    assert steps(client, by_trial[2].info.run_id) == sorted(bad.intermediate_values)
+    assert [by_trial[i].data.tags["status"] for i in (0, 1)] == ["completed", "completed"]
+    assert all(c.info.status == "FINISHED" for c in children)
+    # the summary counts pruned apart from completed: done 2, pruned 1, failed 0
+    summary = capfd.readouterr().out
+    assert re.search(r"^none-demo-s\.coda\.none\.synthetic\.s0\s+2\s+1\s+0\s", summary, flags=re.M), summary[-2000:]
+
+
+# -- 3. interrupt and resume -------------------------------------------------------------------------------------
+RESUMABLE = """
+lr = trial.suggest_float("lr", 1e-3, 1e-2, log=True)
+return {"train.lr": lr, "train.epochs": 8 if trial.number == 1 else 1}  # a slow second trial: the interrupt lands in it
+"""
+
+
+def reported_tasks(experiment: Path) -> dict[str, list[int]]:
+    """Tune trial id -> the tasks its result.json holds, in order."""
+    out = {}
+    for result in experiment.glob("*/result.json"):
+        rows = []
+        for line in result.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line Tune is still writing
+                break
+        if rows:
+            out[rows[0]["trial_id"]] = [row["task"] for row in rows]
+    return out
+
+
+def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(workdir):
+    n_tasks = 5
+    space = write_space(workdir, "resumable", RESUMABLE, pairs=[(None, "demo-s")], kd_methods=[], trials_per_cell=3,
+                        pruner="none", pruner_args={}, base=TINY | {"data.train_per_class": 40})
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": str(ROOT)}
+    log = (workdir / "first.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.sweep", "--space", space, "--name", "resume1", "--max-concurrent", "1"],
+        cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    experiment = workdir / "ray_results" / "resume1"
+    try:
+        deadline = time.monotonic() + 240
+        while True:  # one trial finished and the next one part-way
+            tasks = sorted(reported_tasks(experiment).values(), key=len, reverse=True)
+            if len(tasks) == 2 and len(tasks[0]) == n_tasks and 1 <= len(tasks[1]) < n_tasks - 1:
+                break
+            assert proc.poll() is None, (workdir / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, f"the sweep did not get there in time: {tasks}"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves the experiment state and stops
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:  # never leave the subprocess' Ray behind: it leads its own process group
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+    first_log = (workdir / "first.log").read_text()
+    assert proc.returncode == 0, first_log[-3000:]
+    # the interrupted trial is neither completed nor pruned (Tune marks it TERMINATED all the same)
+    assert "sweep interrupted: 2 of 3 trials not finished; rerun the same command with --resume to continue" in first_log
+    assert re.search(r"^none-demo-s\.coda\.none\.synthetic\.s0\s+1\s+0\s+0\s", first_log, flags=re.M), first_log[-2000:]
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    client, parent, before = mlflow_runs(uri, "resume1")
+    assert parent.info.status == "KILLED"
+    assert (parent.data.metrics["trials_completed"], parent.data.metrics["trials_interrupted"]) == (1, 1)
+    assert parent.data.metrics["trials_pruned"] == 0
+    statuses = sorted((r.data.tags["status"], r.info.status) for r in before)
+    assert statuses == [("completed", "FINISHED"), ("running", "RUNNING")]  # really interrupted mid-trial
+    finished = next(r for r in before if r.data.tags["status"] == "completed")
+    interrupted = next(r for r in before if r.data.tags["status"] == "running").data.tags["tune_trial_id"]
+    tasks_before = reported_tasks(experiment)[interrupted]
+
+    assert main(["--space", space, "--name", "resume1", "--resume"]) == 0
+    children = check_tracked_sweep(uri, "resume1", "resume1", n_tasks=n_tasks, expected_trials=3)
+    assert all(c.data.tags["status"] == "completed" for c in children)
+    after = {c.data.tags["tune_trial_id"]: c for c in children}
+    run = after[finished.data.tags["tune_trial_id"]]  # not rerun: the same run, untouched since it finished
+    assert run.info.run_id == finished.info.run_id and run.info.end_time == finished.info.end_time
+    tasks = reported_tasks(experiment)
+    assert tasks[finished.data.tags["tune_trial_id"]] == list(range(1, n_tasks + 1))
+    # the interrupted trial continued from its last task checkpoint instead of starting over
+    assert tasks[interrupted] == list(range(1, n_tasks + 1)) and len(tasks_before) < n_tasks
+    # the trial asked after the restart tried a new setting, not a replay of the first one
+    assert len({c.data.params["tuned.lr"] for c in children}) == 3
+    check_optuna_matches_mlflow(f"sqlite:///{workdir / 'optuna.db'}", "resume1", client, children)
+    parent = mlflow_runs(uri, "resume1")[1]
+    assert parent.info.status == "FINISHED"
+    assert (parent.data.metrics["trials_completed"], parent.data.metrics["trials_interrupted"]) == (3, 0)
+
+
+# -- 4. resources that the cluster cannot give -------------------------------------------------------------------
+def test_a_space_asking_for_a_gpu_on_a_cpu_cluster_fails_fast_naming_the_gpu(workdir, capsys):
+    space = write_space(workdir, "gpu", KD_ALPHA, gpus_per_trial=1)
+    start = time.monotonic()
+    assert main(["--space", space]) == 2
+    assert time.monotonic() - start < 60
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "1 GPU per trial but the cluster has 0" in err
+    assert not (workdir / "ray_results" / "gpu").exists()
+
+
+# -- 5. an MLflow tracking server --------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'srv.db'}", "--default-artifact-root", str(tmp_path / "art"),
+         "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the MLflow server did not answer /health"
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # the server's workers share its process group
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
+
+
+def test_a_sweep_tracks_into_an_mlflow_tracking_server(workdir, mlflow_server):
+    space = write_space(workdir, "served", KD_ALPHA, pairs=[(None, "demo-s")], kd_methods=[],
+                        base=TINY | {"data.n_tasks": 2})
+    assert main(["--space", space, "--name", "served", "--tracking-uri", mlflow_server]) == 0
+    assert not (workdir / "mlflow.db").exists()  # nothing went to the default store
+    children = check_tracked_sweep(mlflow_server, "served", "served", n_tasks=2, expected_trials=1)
+    assert children[0].data.tags["cell"] == "none-demo-s.coda.none.synthetic.s0"
