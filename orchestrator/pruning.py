@@ -3,7 +3,7 @@
 Ray's OptunaSearch hard-codes Optuna's NopPruner, and with ASHA stopped trials land in Optuna as COMPLETE
 with partial values. Here every cell has its own Optuna study (TPE by default) in one storage; a Tune
 `Searcher` asks the cell's study for each new trial, and a Tune scheduler reports every task's validation
-accuracy to that trial and stops it when the space's Optuna pruner says so — so a trial is compared only with
+validation accuracy (as the area under the accuracy curve so far, see SweepSpace.prune_on) to that trial and stops it when the space's Optuna pruner says so — so a trial is compared only with
 trials of its own cell, and pruned trials are recorded as PRUNED.
 """
 from __future__ import annotations
@@ -90,14 +90,14 @@ class PerCellOptunaSearch(Searcher):
         return self._live[trial_id]
 
     def should_prune(self, trial_id: str, task: int, n_tasks: int, value: float) -> bool:
-        """Report the trial's validation accuracy after `task`; True if its cell's pruner stops it."""
+        """Report the trial's pruning signal (`space.prune_on`) after `task`; True if its cell's pruner stops it."""
         if trial_id not in self.assigned:
             return False
         trial = self._trial(trial_id)
         trial.report(value, step=task)
         if task < n_tasks and trial.should_prune():
             self.pruned[trial_id] = task
-            log.info("pruning %s (%s) after task %d/%d at %s=%.2f", trial_id, self.assigned[trial_id][0], task, n_tasks, self.metric, value)
+            log.info("pruning %s (%s) after task %d/%d at %s=%.2f", trial_id, self.assigned[trial_id][0], task, n_tasks, self.space.prune_on, value)
             return True
         return False
 
@@ -134,7 +134,7 @@ class OptunaPruningScheduler(FIFOScheduler):
         self.searcher = searcher
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        metric = self.searcher.metric
-        if metric in result and self.searcher.should_prune(trial.trial_id, result["task"], result["n_tasks"], result[metric]):
+        signal = self.searcher.space.prune_on
+        if signal in result and self.searcher.should_prune(trial.trial_id, result["task"], result["n_tasks"], result[signal]):
             return TrialScheduler.STOP
         return TrialScheduler.CONTINUE

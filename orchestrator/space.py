@@ -78,6 +78,11 @@ class SweepSpace:
     pruner_args: dict[str, Any] = field(default_factory=lambda: {"n_warmup_steps": 2})
     sampler_seed: int = 0
     metric: str = "val_avg_acc"  # validation split only: tuning and pruning never read test accuracy
+    # What the pruner sees after each task. Optuna's median/percentile pruners compare a trial's *best*
+    # intermediate value with the others' values at the current step, and accuracy over all seen classes falls
+    # as tasks arrive, so its best is always task 1's. The area under the accuracy curve so far only grows:
+    # its best is its current value, and trials are compared on the tasks learned so far.
+    prune_on: str = "val_acc_area"
 
     def cells(self) -> list[Cell]:
         cells = []

@@ -30,6 +30,8 @@ def task_metrics(run: ContinualRun, report: TaskReport) -> dict[str, Any]:
             out[f"{prefix}{split}_avg_acc"] = metrics.final_average_accuracy(matrix)
             out[f"{prefix}{split}_forgetting"] = metrics.forgetting(matrix)
             out[f"{prefix}{split}_avg_incremental_acc"] = metrics.average_incremental_accuracy(matrix)
+            # Area under the accuracy-after-each-task curve: only grows, unlike the accuracy itself (see pruning.py)
+            out[f"{prefix}{split}_acc_area"] = metrics.average_incremental_accuracy(matrix) * len(matrix)
         for j, acc in enumerate(by_split["test"][-1]):
             out[f"{prefix}test_acc_task{j + 1}"] = acc
     out["test_matrix"] = json.dumps(run.state.matrices["student"]["test"])

@@ -315,7 +315,7 @@ def test_gpus_per_trial_zero_on_the_command_line_makes_a_gpu_space_fit(monkeypat
 
 # -- per-cell Optuna search and pruning, driven without Ray ------------------------------------------------------
 def report(scheduler: OptunaPruningScheduler, trial_id: str, task: int, n_tasks: int, value: float) -> str:
-    result = {"task": task, "n_tasks": n_tasks, "val_avg_acc": value, "test_avg_acc": 0.0}
+    result = {"task": task, "n_tasks": n_tasks, "val_avg_acc": value, "val_acc_area": value, "test_avg_acc": 0.0}
     return scheduler.on_trial_result(None, SimpleNamespace(trial_id=trial_id), result)
 
 
@@ -463,3 +463,58 @@ def test_save_matrix_artifacts_writes_the_matrix_csv_and_two_pngs(tmp_path):
     for png in paths[1:]:
         data = png.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+
+
+def test_progress_counts_trials_by_state_and_shows_best_completed_value_per_cell():
+    from types import SimpleNamespace
+
+    from orchestrator.progress import progress_lines
+
+    def trial(status, cell, task=None, value=None, n_tasks=5):
+        result = {} if task is None else {"task": task, "n_tasks": n_tasks, "val_avg_acc": value}
+        return SimpleNamespace(status=status, config={"cell": cell}, last_result=result)
+
+    trials = [
+        trial("RUNNING", "a", task=2, value=99.0),  # running: its value is not final, so not "best so far"
+        trial("PENDING", "b"),
+        trial("TERMINATED", "a", task=5, value=40.0),
+        trial("TERMINATED", "a", task=5, value=45.0),
+        trial("TERMINATED", "a", task=2, value=10.0),  # stopped before the last task: pruned
+        trial("ERROR", "b", task=1, value=50.0),
+    ]
+    lines = progress_lines(trials, "val_avg_acc").splitlines()
+    assert lines[0] == "trials: 1 running, 1 pending, 2 completed, 1 pruned, 1 failed"
+    assert len(lines) == 2 and lines[1].split()[-2:] == ["a", "45.00"]
+
+
+def test_a_trial_whose_accuracy_falls_faster_than_its_cells_is_pruned_although_its_first_task_was_as_good(tmp_path):
+    """Continual accuracy falls as tasks arrive. The pruner sees the area under the accuracy curve so far
+    (`val_acc_area`), so a trial that starts as well as the others but forgets faster is pruned; judged on
+    its raw accuracy, Optuna's median pruner would compare its best (task-1) value and never prune it."""
+    from orchestrator.trainable import task_metrics
+
+    space, searcher = tuned_space(tmp_path)
+    scheduler = OptunaPruningScheduler(searcher)
+    configs = {f"t{i}": searcher.suggest(f"t{i}") for i in range(8)}
+    cell = next(key for key in {c["cell"] for c in configs.values()} if key.split(".")[2] == "kd")
+    good1, good2, bad = [tid for tid, c in configs.items() if c["cell"] == cell]
+
+    def report_curve(tid: str, accuracies: list[float]) -> str:
+        # the metrics the trainable reports for a run whose val accuracy after task t is accuracies[t-1]
+        matrices: list[list[float]] = []
+        decision = TrialScheduler.CONTINUE
+        for t, acc in enumerate(accuracies, start=1):
+            matrices.append([acc] * t)
+            run = SimpleNamespace(n_tasks=4, state=SimpleNamespace(matrices={"student": {"val": matrices, "test": matrices}}))
+            result = task_metrics(run, SimpleNamespace(task_id=t - 1, seconds={"total": 0.0}))
+            decision = scheduler.on_trial_result(None, SimpleNamespace(trial_id=tid), result)
+            if decision == TrialScheduler.STOP:
+                break
+        searcher.on_trial_complete(tid, result)  # what Tune does when a trial ends, stopped or not
+        return f"stopped after task {t}" if decision == TrialScheduler.STOP else decision
+
+    assert report_curve(good1, [95.0, 70.0, 60.0, 50.0]) == TrialScheduler.CONTINUE
+    assert report_curve(good2, [95.0, 72.0, 62.0, 52.0]) == TrialScheduler.CONTINUE
+    assert report_curve(bad, [95.0, 40.0, 30.0, 20.0]) == "stopped after task 2"
+    trial = searcher.studies.study(searcher.cells[cell]).trials[configs[bad]["optuna_trial"]]
+    assert trial.state.name == "PRUNED" and max(trial.intermediate_values) == 2
