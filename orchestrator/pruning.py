@@ -3,8 +3,9 @@
 Ray's OptunaSearch hard-codes Optuna's NopPruner, and with ASHA stopped trials land in Optuna as COMPLETE
 with partial values. Here every cell has its own Optuna study (TPE by default) in one storage; a Tune
 `Searcher` asks the cell's study for each new trial, and a Tune scheduler reports every task's validation
-validation accuracy (as the area under the accuracy curve so far, see SweepSpace.prune_on) to that trial and stops it when the space's Optuna pruner says so — so a trial is compared only with
-trials of its own cell, and pruned trials are recorded as PRUNED.
+accuracy (as the area under the accuracy curve so far, see SweepSpace.prune_on) to that trial and stops it
+when the space's Optuna pruner says so — so a trial is compared only with trials of its own cell, and
+pruned trials are recorded as PRUNED.
 """
 from __future__ import annotations
 
