@@ -18,9 +18,6 @@ from typing import Any
 
 from orchestrator.space import Cell, SpaceError, SweepSpace, available_spaces, load_space
 
-log = logging.getLogger("orchestrator.sweep")
-
-
 class SweepError(RuntimeError):
     """The sweep cannot start as asked; the message says what is missing."""
 
@@ -85,8 +82,9 @@ def prepare_backbones(space: SweepSpace) -> None:
         ensure_demo_weights(name)
 
 
-def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Best completed trial per cell (by validation accuracy) with counts of completed/pruned/failed trials."""
+def summarize(results: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """Best completed trial per cell (by the space's metric, as Optuna ranks them) with counts of
+    completed/pruned/failed trials."""
     by_cell: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for result in results:
         by_cell[result["cell"]].append(result)
@@ -94,17 +92,17 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for cell, items in sorted(by_cell.items()):
         counts = Counter(r["status"] for r in items)
         done = [r for r in items if r["status"] == "completed"]
-        best = max(done, key=lambda r: r["metrics"]["val_avg_acc"], default=None)
+        best = max(done, key=lambda r: r["metrics"][metric], default=None)
         rows.append({"cell": cell, "counts": counts, "best": best})
     return rows
 
 
-def print_summary(rows: list[dict[str, Any]]) -> None:
-    print(f"\n{'cell':<56} {'done':>4} {'pruned':>6} {'failed':>6} {'best val acc':>12} {'test acc':>8} {'forgetting':>10}")
+def print_summary(rows: list[dict[str, Any]], metric: str) -> None:
+    print(f"\n{'cell':<56} {'done':>4} {'pruned':>6} {'failed':>6} {'best ' + metric:>12} {'test acc':>8} {'forgetting':>10}")
     for row in rows:
         best, counts = row["best"], row["counts"]
         values = (
-            f"{best['metrics']['val_avg_acc']:>12.2f} {best['metrics']['test_avg_acc']:>8.2f} {best['metrics']['test_forgetting']:>10.2f}"
+            f"{best['metrics'][metric]:>12.2f} {best['metrics']['test_avg_acc']:>8.2f} {best['metrics']['test_forgetting']:>10.2f}"
             if best else f"{'-':>12} {'-':>8} {'-':>10}"
         )
         print(f"{row['cell']:<56} {counts['completed']:>4} {counts['pruned']:>6} {counts['failed']:>6} {values}")
@@ -211,7 +209,7 @@ def run_sweep(space: SweepSpace, plan: Plan, args: argparse.Namespace) -> int:
         state = studies.study(cells[result.config["cell"]]).trials[result.config["optuna_trial"]].state
         status = {TrialState.COMPLETE: "completed", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}.get(state, "interrupted")
         results.append({"cell": result.config["cell"], "status": status, "metrics": result.metrics or {}})
-    print_summary(summarize(results))
+    print_summary(summarize(results, space.metric), space.metric)
     unfinished = plan.total_trials - sum(r["status"] != "interrupted" for r in results)
     if unfinished:
         print(f"\nsweep interrupted: {unfinished} of {plan.total_trials} trials not finished; rerun the same command with --resume to continue")

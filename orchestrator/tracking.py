@@ -9,7 +9,6 @@ steps already logged are not logged twice.
 from __future__ import annotations
 
 import json
-import logging
 import tempfile
 import time
 from pathlib import Path
@@ -23,9 +22,6 @@ from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME  # noqa: E402
 from ray.tune import Callback  # noqa: E402
-
-log = logging.getLogger(__name__)
-
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
     out = {}

@@ -21,8 +21,8 @@ STATE_FILE = "run_state.pt"
 
 
 def task_metrics(run: ContinualRun, report: TaskReport) -> dict[str, Any]:
-    """Flat metrics after a task. `val_avg_acc` (validation split) is what Optuna tunes and prunes on;
-    test accuracies are reported and logged, never used to choose."""
+    """Flat metrics after a task. Optuna tunes on `val_avg_acc` and prunes on `val_acc_area` (validation
+    split); test accuracies are reported and logged, never used to choose."""
     out: dict[str, Any] = {"task": report.task_id + 1, "n_tasks": run.n_tasks}
     for role, by_split in run.state.matrices.items():
         prefix = "" if role == "student" else "teacher_"
