@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 # The smoke sweep on the embedded defaults: local Ray, sqlite MLflow/Optuna stores here, offline Fashion-MNIST,
-# demo backbones. Each invocation is a new sweep (timestamped name) in the same MLflow experiment.
+# demo backbones. Each invocation is a new sweep (timestamped name, its own MLflow experiment); teachers
+# stored by an earlier demo (ray_results/teachers) are reused.
 demo: $(STAMP)
 	$(PY) -m orchestrator.sweep --space smoke --name smoke-$$(date +%Y%m%d-%H%M%S)
 
@@ -28,6 +29,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/step_throughput.py
+	$(PY) bench/teacher_reuse.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache ray_results mlflow.db optuna.db

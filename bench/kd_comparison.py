@@ -1,7 +1,7 @@
 """Teacher alone vs student alone vs student + KD methods, over several seeds: mean and std of final average
 accuracy and forgetting (test split, %).
 
-Each seed trains the teacher once (sequential schedule, per-task checkpoints in a temp dir) and reuses it for
+Each seed trains the teacher once (sequential schedule, into a temporary teacher store) and reuses it for
 every KD method, so all students of a seed learn from the same teacher.
 
     python bench/kd_comparison.py --method coda --seeds 0 1 2 --epochs 1 --kd kd dkd cdl_prompt
@@ -39,10 +39,10 @@ def main() -> None:
         )
         alone = ContinualRun(base).run()["summary"]
         scores[f"student alone ({args.student})"].append((alone["student_test_final_avg_acc"], alone["student_test_forgetting"]))
-        with tempfile.TemporaryDirectory() as teacher_dir:
+        with tempfile.TemporaryDirectory() as teacher_store:
             for kd in args.kd:
                 cfg = RunConfig.from_dict(base.to_dict() | {"teacher": {"preset": args.teacher}, "distill": DistillConfig(kd).__dict__})
-                summary = ContinualRun(cfg, teacher_dir=teacher_dir).run()["summary"]
+                summary = ContinualRun(cfg, teacher_store=teacher_store).run()["summary"]
                 if kd == args.kd[0]:
                     scores[f"teacher ({args.teacher})"].append((summary["teacher_test_final_avg_acc"], summary["teacher_test_forgetting"]))
                 scores[f"student + {kd}"].append((summary["student_test_final_avg_acc"], summary["student_test_forgetting"]))

@@ -6,6 +6,7 @@ demo presets are small CPU-sized ViTs whose weights come from `cdl_core.pretrain
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -138,6 +139,34 @@ def state_dict_sha256(module: nn.Module) -> str:
     for name, tensor in sorted(module.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def weights_source_id(cfg: BackboneConfig) -> str:
+    """Names the weights `cfg` loads without loading them, for content-addressed keys: the demo recipe's hash,
+    the hub model id and pretrained tag, the sha256 of a weights file, or random (seeded by the preset)."""
+    preset = PRESETS[cfg.preset]
+    if cfg.weights == "random":
+        return f"random:{preset.name}"
+    if cfg.weights == "default" and preset.weights_source == "demo_pretrain":
+        from cdl_core.pretrain import weights_path
+
+        return f"demo_pretrain:{weights_path(preset.name).stem}"
+    if cfg.weights == "default":
+        pretrained = timm.models.get_pretrained_cfg(preset.timm_name)
+        return f"hub:{pretrained.hf_hub_id or preset.timm_name}@{pretrained.tag}"
+    path = Path(cfg.weights).expanduser().resolve()
+    stat = path.stat()
+    return f"file-sha256:{_file_sha256(path, stat.st_size, stat.st_mtime_ns)}"
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path: Path, size: int, mtime_ns: int) -> str:
+    """Cached by size and modification time: planning a sweep hashes each weights file once, not per cell."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
     return digest.hexdigest()
 
 

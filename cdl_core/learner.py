@@ -1,7 +1,9 @@
 """Trains a student (and its teacher, if any) over a class-incremental task stream, task by task.
 
 Randomness is split by phase: each (role, task) phase seeds torch from (seed, role, task), so a student's
-results do not depend on whether its teacher was trained in this process or loaded from checkpoints.
+results do not depend on whether its teacher was trained in this process or loaded from a teacher store.
+With the sequential schedule a teacher depends on no student setting: `teacher_identity` lists what it does
+depend on, and `teacher_key` addresses it in a `TeacherStore`, so one trained teacher serves many students.
 """
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ import hashlib
 import logging
 import platform
 import time
-from dataclasses import dataclass, field
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,15 +21,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cdl_core import metrics
-from cdl_core.backbones import FrozenViT, create_backbone
-from cdl_core.checkpoints import TeacherCheckpoints
+from cdl_core.backbones import FrozenViT, create_backbone, weights_source_id
 from cdl_core.config import BackboneConfig, ConfigError, RunConfig
 from cdl_core.data import ClassIncrementalStream, TaskSplit, build_stream
 from cdl_core.distill import KDContext, TaskClasses, build_kd_method
 from cdl_core.distill.losses import current_task_cross_entropy
 from cdl_core.model import ContinualModel
 from cdl_core.pretrain import check_stream_disjoint
-from cdl_core.prompts import build_prompt_method
+from cdl_core.prompts import PROMPT_METHODS, build_prompt_method
+from cdl_core.teacher_store import TeacherEntry, TeacherStore, TeacherStoreError, content_key
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,38 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# Bump when the training math changes, so stored teachers made by older code are not reused.
+TRAINER_VERSION = 1
+
+# What a teacher's training does not depend on: where things run and how evaluation is batched.
+_TRAIN_FIELDS_NOT_IN_TEACHER = ("device", "num_workers", "eval_batch_size")
+_DATA_FIELDS_NOT_IN_TEACHER = ("root", "download")
+
+
+def teacher_identity(cfg: RunConfig) -> dict[str, Any]:
+    """Everything a sequential-schedule teacher's training depends on, from the config alone (no weights or
+    data are loaded): its backbone and weights source, the query backbone, the prompt method with its resolved
+    parameters, the stream, the optimisation settings and seed, and the training code's version. KD settings
+    and the student's own backbone (unless it is the query backbone) are not in it."""
+    cfg.validate()
+    if cfg.teacher is None or cfg.distill.schedule != "sequential":
+        raise ConfigError("only a sequential-schedule teacher can be stored and shared (a joint teacher trains with its student)")
+    return {
+        "teacher": {"preset": cfg.teacher.preset, "weights": weights_source_id(cfg.teacher)},
+        "query_backbone": (
+            {"preset": cfg.student.preset, "weights": weights_source_id(cfg.student)} if cfg.query == "student" else "own"
+        ),
+        "prompt": {"method": cfg.prompt.method, "params": asdict(PROMPT_METHODS[cfg.prompt.method].resolve_params(cfg.prompt.params))},
+        "data": {k: v for k, v in asdict(cfg.data).items() if k not in _DATA_FIELDS_NOT_IN_TEACHER},
+        "train": {k: v for k, v in asdict(cfg.train).items() if k not in _TRAIN_FIELDS_NOT_IN_TEACHER},
+        "trainer_version": TRAINER_VERSION,
+    }
+
+
+def teacher_key(cfg: RunConfig) -> str:
+    return content_key(teacher_identity(cfg))
+
+
 @dataclass
 class TaskReport:
     """What one finished task adds: accuracy rows R[t][0..t] per role and split, and summaries so far."""
@@ -53,6 +88,7 @@ class TaskReport:
     rows: dict[str, dict[str, list[float]]]  # role -> split ("test"/"val") -> accuracies on tasks 0..t
     summary: dict[str, float]  # e.g. student_test_avg_acc, student_val_forgetting, teacher_test_avg_acc
     seconds: dict[str, float]
+    teacher_trained: bool | None = None  # sequential teacher: trained here (True) or loaded from the store (False)
 
 
 @dataclass
@@ -67,16 +103,18 @@ class RunState:
 
 class ContinualRun:
     def __init__(
-        self, cfg: RunConfig, teacher_dir: str | Path | None = None, require_teacher: bool = False,
+        self, cfg: RunConfig, teacher_store: TeacherStore | str | Path | None = None, require_teacher: bool = False,
         stream: ClassIncrementalStream | None = None,
+        teacher_lock: Callable[[str], AbstractContextManager] | None = None,
     ) -> None:
+        """`teacher_store`: load the teacher task by task from there, and store the tasks it trains.
+        `teacher_lock(name)`: a lock held while training a teacher task that is not stored yet, so that
+        processes sharing the store train it once (the orchestrator passes a cluster-wide one)."""
         self.cfg = cfg.validate()
-        if teacher_dir is not None and (cfg.teacher is None or cfg.distill.schedule != "sequential"):
-            raise ConfigError("teacher checkpoints need a teacher and distill.schedule='sequential' (a joint teacher trains with its student)")
-        if teacher_dir is not None and not str(teacher_dir).strip():
-            raise ConfigError("the teacher checkpoint directory is empty; give a directory path")
-        if require_teacher and teacher_dir is None:
-            raise ConfigError("require_teacher needs a teacher checkpoint directory")
+        if teacher_store is not None and (cfg.teacher is None or cfg.distill.schedule != "sequential"):
+            raise ConfigError("a teacher store needs a teacher and distill.schedule='sequential' (a joint teacher trains with its student)")
+        if require_teacher and teacher_store is None:
+            raise ConfigError("require_teacher needs a teacher store to load the teacher from")
         check_stream_disjoint(cfg)
         self.device = resolve_device(cfg.train.device)
         self.student_backbone = create_backbone(cfg.student).to(self.device)
@@ -89,10 +127,15 @@ class ContinualRun:
                     )
         sb = self.student_backbone
         self.stream = stream or build_stream(cfg.data, sb.image_size, sb.mean, sb.std)
-        self.teacher_store = (
-            TeacherCheckpoints(teacher_dir, self.teacher_identity()) if teacher_dir is not None else None
-        )
+        self.teacher_entry: TeacherEntry | None = None
+        if teacher_store is not None:
+            store = teacher_store if isinstance(teacher_store, TeacherStore) else TeacherStore(teacher_store)
+            self.teacher_identity = teacher_identity(cfg)
+            self.teacher_entry = store.entry(content_key(self.teacher_identity))
+            self.teacher_entry.check(self.teacher_identity, self.teacher_facts())
         self.require_teacher = require_teacher
+        self.teacher_lock = teacher_lock or (lambda name: nullcontext())
+        self.teacher_wait_seconds = 0.0  # time spent waiting for another process to train a shared teacher task
         self.teacher = self._build_model("teacher") if cfg.teacher else None
         self.student = self._build_model("student")
         self.state = RunState()
@@ -122,18 +165,16 @@ class ContinualRun:
             kd = build_kd_method(self.cfg.distill, ctx)
         return ContinualModel(backbone, prompt, n_classes, kd).to(self.device)
 
-    def teacher_identity(self) -> dict[str, Any]:
-        """Everything the teacher's training depends on (sequential schedule): checked when reusing it."""
-        cfg = self.cfg
-        return {
-            "teacher": dict(preset=cfg.teacher.preset, weights_sha256=self.teacher_backbone.weights_sha256),
-            "query": cfg.query,
-            "query_backbone": None if cfg.query == "own" else dict(preset=cfg.student.preset, weights_sha256=self.student_backbone.weights_sha256),
-            "prompt": cfg.prompt.__dict__ | {"params": dict(cfg.prompt.params)},
-            "data": self.stream.describe(),
-            "train": {k: v for k, v in cfg.train.__dict__.items() if k not in ("device", "num_workers", "eval_batch_size")},
-            "trainer_version": TRAINER_VERSION,
+    def teacher_facts(self) -> dict[str, str]:
+        """What the config names but only loading shows (the weights' and data split's hashes): a stored teacher
+        made with other weights or data under the same config is refused."""
+        facts = {
+            "teacher_weights_sha256": self.teacher_backbone.weights_sha256, "data_fingerprint": self.stream.fingerprint(),
+            "n_tasks": str(self.n_tasks),
         }
+        if self.cfg.query == "student":
+            facts["query_weights_sha256"] = self.student_backbone.weights_sha256
+        return facts
 
     # -- running ----------------------------------------------------------------------------------------
     @property
@@ -152,9 +193,9 @@ class ContinualRun:
         task = self.stream.tasks[t]
         seconds: dict[str, float] = {}
         start = time.perf_counter()
-        teacher_rows = None
+        teacher_rows, teacher_trained = None, None
         if self.teacher is not None and self.cfg.distill.schedule == "sequential":
-            teacher_rows = self._teacher_task(task)
+            teacher_rows, teacher_trained = self._teacher_task(task)
             seconds["teacher"] = time.perf_counter() - start
         mid = time.perf_counter()
         self._train_phase("student", task)
@@ -169,26 +210,51 @@ class ContinualRun:
                 self.state.add(role, split, row)
         self.completed_tasks += 1
         seconds["total"] = time.perf_counter() - start
-        report = TaskReport(t, rows, self.summary(), seconds)
+        report = TaskReport(t, rows, self.summary(), seconds, teacher_trained)
         log.info("task %d/%d done in %.1fs: %s", t + 1, self.n_tasks, seconds["total"], report.summary)
         return report
 
-    def _teacher_task(self, task: TaskSplit) -> dict[str, list[float]]:
-        t = task.task_id
-        store = self.teacher_store
-        if store is not None and store.has(t):
-            self.teacher.prompt.begin_task(t)
-            state, rows = store.load(t)
-            self.teacher.load_trainable_state_dict(state)
-            log.info("teacher task %d loaded from %s", t, store.dir)
-            return rows
+    def _teacher_task(self, task: TaskSplit) -> tuple[dict[str, list[float]], bool]:
+        """The teacher after `task`: loaded from the store when it is there, else trained (and stored).
+        Returns its accuracy rows and whether it was trained here."""
+        t, entry = task.task_id, self.teacher_entry
+        if entry is None:
+            self._train_phase("teacher", task)
+            return self._evaluate_splits("teacher", t), True
+        rows = self._load_teacher(t)
+        if rows is not None:
+            return rows, False
         if self.require_teacher:
-            store.load(t)  # raises the clear "no teacher checkpoint" error
-        self._train_phase("teacher", task)
-        rows = self._evaluate_splits("teacher", t)
-        if store is not None:
-            store.save(t, self.teacher.trainable_state_dict(), rows)
-        return rows
+            entry.load(t)  # raises the clear "no stored task" error
+        waiting = time.perf_counter()
+        with self.teacher_lock(f"{entry.key}/task_{t}"):
+            self.teacher_wait_seconds += time.perf_counter() - waiting
+            rows = self._load_teacher(t)  # another process may have stored it while this one waited
+            if rows is not None:
+                return rows, False
+            start = time.perf_counter()
+            self._train_phase("teacher", task)
+            rows = self._evaluate_splits("teacher", t)
+            entry.save(t, self.teacher.trainable_state_dict(), rows, self.teacher_identity, self.teacher_facts(), time.perf_counter() - start)
+        log.info("teacher task %d trained and stored as %s", t, entry)
+        return rows, True
+
+    def _load_teacher(self, t: int) -> dict[str, list[float]] | None:
+        """Load the stored teacher state after task `t`; None when it is not stored or fails its checksum."""
+        entry = self.teacher_entry
+        if not entry.has(t):
+            return None
+        try:
+            state, record = entry.load(t)
+        except TeacherStoreError as err:
+            if self.require_teacher:
+                raise
+            log.warning("%s; training that task again", err)
+            return None
+        self.teacher.prompt.begin_task(t)
+        self.teacher.load_trainable_state_dict(state)
+        log.info("teacher task %d loaded from %s", t, entry)
+        return record["rows"]
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
         generator = torch.Generator().manual_seed(seed) if shuffle else None
@@ -322,9 +388,10 @@ class ContinualRun:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue after the last finished task (the orchestrator checkpoints this)."""
+        """Everything needed to continue after the last finished task (the orchestrator checkpoints this).
+        A stored teacher is left out: it is in the teacher store, and one copy there serves every trial."""
         state = {"completed_tasks": self.completed_tasks, "matrices": self.state.matrices, "student": self.student.trainable_state_dict()}
-        if self.teacher is not None:
+        if self.teacher is not None and self.teacher_entry is None:
             state["teacher"] = self.teacher.trainable_state_dict()
         return state
 
@@ -332,15 +399,21 @@ class ContinualRun:
         done = state["completed_tasks"]
         for role in ROLES:
             model = self.teacher if role == "teacher" else self.student
-            if model is None:
+            if model is None or role not in state:
                 continue
             if done:
                 model.prompt.current_task = done - 1
             model.load_trainable_state_dict(state[role])
+        if self.teacher is not None and "teacher" not in state and done:
+            self._restore_teacher(done)
         self.state = RunState(state["matrices"])
         self.completed_tasks = done
 
-
-# Bump when the training math changes, so stored teachers made by older code are not reused.
-TRAINER_VERSION = 1
+    def _restore_teacher(self, done: int) -> None:
+        """The teacher after task `done - 1` from the store; tasks missing there (store pruned) are rebuilt."""
+        if self.teacher_entry is None:
+            raise ConfigError("this state has no teacher; load it into a run with the teacher store it was made with")
+        if self._load_teacher(done - 1) is None:
+            for t in range(done):
+                self._teacher_task(self.stream.tasks[t])
 

@@ -59,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kd-param", action="append", default=[], metavar="KEY=VALUE", help="override a KD-method parameter, e.g. active_components=10")
     p.add_argument("--student-weights", help="student weights: default, random, or a state-dict file")
     p.add_argument("--teacher-weights", help="teacher weights: default, random, or a state-dict file")
-    p.add_argument("--teacher-dir", help="save the teacher's per-task checkpoints here, and reuse those already there")
-    p.add_argument("--require-teacher", action="store_true", help="only load the teacher from --teacher-dir; never train it")
+    p.add_argument("--teacher-store", help="teacher store (a directory or a URI such as s3://bucket/teachers): the teacher is "
+                   "loaded from there task by task when stored, and the tasks trained here are stored for later runs")
+    p.add_argument("--require-teacher", action="store_true", help="only load the teacher from --teacher-store; never train it")
     p.add_argument("--no-baseline", action="store_true", help="with --teacher: skip the student-alone baseline run")
     p.add_argument("--out", default="outputs/run.json", help="results JSON (default outputs/run.json)")
     p.add_argument("--quiet", action="store_true", help="warnings only in the log")
@@ -133,7 +134,7 @@ def _role_summary(results: dict[str, Any], role: str) -> tuple[dict[str, float],
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    from cdl_core.checkpoints import TeacherCheckpointError
+    from cdl_core.teacher_store import TeacherStoreError
     from cdl_core.data import DatasetNotFoundError
     from cdl_core.backbones import WeightsUnavailableError
     from cdl_core.learner import ContinualRun
@@ -143,9 +144,11 @@ def main(argv: list[str] | None = None) -> int:
         runs: dict[str, Any] = {}
         print(f"run: {cfg.prompt.method} on {cfg.data.name}, student {cfg.student.preset}"
               + (f", teacher {cfg.teacher.preset}, kd {cfg.distill.method} ({cfg.distill.schedule})" if cfg.teacher else ""), flush=True)
-        run = ContinualRun(cfg, teacher_dir=args.teacher_dir, require_teacher=args.require_teacher)
+        run = ContinualRun(cfg, teacher_store=args.teacher_store, require_teacher=args.require_teacher)
         main_name = "distilled" if cfg.teacher else "single"
         runs[main_name] = run.run(on_task=lambda r: print_task(r, run.n_tasks))
+        if run.teacher_entry is not None:
+            print(f"teacher stored as {run.teacher_entry}", flush=True)
         table = []
         if cfg.teacher:
             table.append((f"teacher ({cfg.teacher.preset}, {cfg.prompt.method})", *_role_summary(runs[main_name], "teacher")))
@@ -161,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             table.append((f"{cfg.student.preset} {cfg.prompt.method}", *_role_summary(runs[main_name], "student")))
         print_table(table)
-    except (ConfigError, DatasetNotFoundError, WeightsUnavailableError, TeacherCheckpointError) as err:
+    except (ConfigError, DatasetNotFoundError, WeightsUnavailableError, TeacherStoreError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out = Path(args.out)

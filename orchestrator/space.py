@@ -98,7 +98,11 @@ class SweepSpace:
         return self.trials_per_cell if self.tunes(cell) else 1
 
     def tunes(self, cell: Cell) -> bool:
-        return self.tune is not None and bool(self.tune(_probe_trial(), cell))
+        return bool(self.sample_overrides(cell))
+
+    def sample_overrides(self, cell: Cell, seed: int = 0) -> dict[str, Any]:
+        """What `tune` returns for one throwaway trial (values drawn at random with `seed`)."""
+        return self.tune(_probe_trial(seed), cell) if self.tune is not None else {}
 
     def build_pruner(self) -> optuna.pruners.BasePruner:
         return PRUNERS[self.pruner](**self.pruner_args)
@@ -147,19 +151,18 @@ class SweepSpace:
         except TypeError as err:
             raise SpaceError(f"space {self.name!r}: pruner_args do not fit pruner {self.pruner!r}: {err}") from None
         for cell in self.cells():  # every cell must give a valid run config, with tuned values too
-            overrides = self.tune(_probe_trial(), cell) if self.tune else {}
-            self.run_config(cell, overrides)
+            self.run_config(cell, self.sample_overrides(cell))
         return self
 
 
-def _probe_trial() -> optuna.Trial:
+def _probe_trial(seed: int = 0) -> optuna.Trial:
     """A throwaway in-memory trial to see what `tune` asks for (validation, planning). A fresh study every time:
     one shared study rejects a parameter name asked with another distribution (in another cell or space),
     which separate per-cell studies allow, and it would keep every probe in memory."""
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     finally:
         optuna.logging.set_verbosity(verbosity)
     return study.ask()

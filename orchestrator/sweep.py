@@ -26,31 +26,53 @@ class SweepError(RuntimeError):
 class Plan:
     cells: list[Cell]
     trials: dict[str, int]  # cell key -> trials
-    teacher_trainings: int  # trials that train a teacher (each trains its own until teachers are shared)
-    distinct_teachers: int  # teachers that differ in anything that determines them
+    teacher_keys: dict[str, str]  # cell key -> key of the stored teacher all its trials share
+    own_teacher_trials: int  # trials that train a teacher of their own (joint schedule, or tuned teacher settings)
 
     @property
     def total_trials(self) -> int:
         return sum(self.trials.values())
 
+    @property
+    def teacher_trainings_without_reuse(self) -> int:
+        return sum(self.trials[cell] for cell in self.teacher_keys) + self.own_teacher_trials
+
+    @property
+    def teacher_trainings_with_reuse(self) -> int:
+        return len(set(self.teacher_keys.values())) + self.own_teacher_trials
+
 
 def make_plan(space: SweepSpace) -> Plan:
+    from cdl_core.config import RunConfig
+    from cdl_core.learner import teacher_key
+
     cells = space.cells()
     trials = {c.key: space.trials_for(c) for c in cells}
-    with_teacher = [c for c in cells if c.teacher]
-    # A sequential-schedule teacher depends on its backbone, the query (student) backbone, the prompt method,
-    # the data and the seed — not on the KD method or any tuned KD setting.
-    distinct = {(c.teacher, c.student, c.method, c.dataset, c.seed) for c in with_teacher}
-    return Plan(cells, trials, sum(trials[c.key] for c in with_teacher), len(distinct))
+    keys, own = {}, 0
+    for cell in cells:
+        if not cell.teacher:
+            continue
+        # The teacher key under two different tuned-value draws: equal unless tuning touches the teacher.
+        configs = [RunConfig.from_dict(space.run_config(cell, space.sample_overrides(cell, seed))) for seed in (0, 1)]
+        if configs[0].distill.schedule == "sequential" and teacher_key(configs[0]) == teacher_key(configs[1]):
+            keys[cell.key] = teacher_key(configs[0])
+        else:
+            own += trials[cell.key]
+    return Plan(cells, trials, keys, own)
 
 
-def print_plan(space: SweepSpace, plan: Plan) -> None:
+def print_plan(space: SweepSpace, plan: Plan, teacher_store: str | None) -> None:
     print(f"space {space.name}: {len(plan.cells)} cells, {plan.total_trials} trials")
     print(f"resources per trial: {space.cpus_per_trial:g} CPU, {space.gpus_per_trial:g} GPU; pruner {space.pruner} {space.pruner_args}")
-    print(f"teacher trainings: {plan.teacher_trainings} (one per trial with a teacher); distinct teachers: {plan.distinct_teachers}")
-    print(f"{'cell':<64} trials")
+    this = "  <- this sweep"
+    own = f"; {plan.own_teacher_trials} trials with a joint-schedule or tuned teacher train their own" if plan.own_teacher_trials else ""
+    print(f"teacher trainings without reuse: {plan.teacher_trainings_without_reuse:>6}  (every trial with a teacher trains its own)"
+          + ("" if teacher_store else this))
+    print(f"teacher trainings with reuse:    {plan.teacher_trainings_with_reuse:>6}  (one per distinct teacher key{own})"
+          + (f"{this}, teacher store {teacher_store}" if teacher_store else ""))
+    print(f"{'cell':<64} {'trials':>6}  teacher key")
     for cell in plan.cells:
-        print(f"{cell.key:<64} {plan.trials[cell.key]:>6}")
+        print(f"{cell.key:<64} {plan.trials[cell.key]:>6}  {plan.teacher_keys.get(cell.key, 'own' if cell.teacher else '-')}")
 
 
 def check_resources(space: SweepSpace, cluster: dict[str, float]) -> None:
@@ -117,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db in the working directory; on clusters an http:// tracking server)")
     p.add_argument("--optuna-storage", help="Optuna storage URL (default: sqlite:///optuna.db in the working directory; on clusters a postgresql:// URL)")
     p.add_argument("--storage-path", default="ray_results", help="where Tune keeps results and checkpoints: a local dir, or a shared path / URI (s3://...) on clusters")
+    p.add_argument("--teacher-store", help="where trained teachers are stored and shared: a directory or URI "
+                   "(default: teachers/ under --storage-path); reused across sweeps")
+    p.add_argument("--no-teacher-reuse", action="store_true", help="every trial trains its own teacher (to compare costs)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep: finished trials are not rerun, interrupted ones continue from their last task")
     p.add_argument("--dry-run", action="store_true", help="print the plan (cells, trials, resources, teacher trainings) and start nothing")
     p.add_argument("--max-concurrent", type=int, default=0, help="at most this many trials at once (default: as many as resources allow)")
@@ -140,12 +165,24 @@ def main(argv: list[str] | None = None) -> int:
         space.validate()
         plan = make_plan(space)
         if args.dry_run:
-            print_plan(space, plan)
+            print_plan(space, plan, None if args.no_teacher_reuse else teacher_store_location(args))
             return 0
         return run_sweep(space, plan, args)
     except (SpaceError, SweepError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def storage_location(args: argparse.Namespace) -> str:
+    return args.storage_path if "://" in args.storage_path else str(Path(args.storage_path).resolve())
+
+
+def teacher_store_location(args: argparse.Namespace) -> str:
+    if args.teacher_store is not None:
+        if not args.teacher_store.strip():
+            raise SweepError("--teacher-store is empty; give a directory or URI, or leave it out for the default")
+        return args.teacher_store if "://" in args.teacher_store else str(Path(args.teacher_store).resolve())
+    return f"{storage_location(args).rstrip('/')}/teachers"
 
 
 def run_sweep(space: SweepSpace, plan: Plan, args: argparse.Namespace) -> int:
@@ -156,6 +193,7 @@ def run_sweep(space: SweepSpace, plan: Plan, args: argparse.Namespace) -> int:
 
     from orchestrator.pruning import CellStudies, OptunaPruningScheduler, PerCellOptunaSearch
     from orchestrator.progress import SweepProgress
+    from orchestrator.teachers import TeacherSharing, start_lease_actor
     from orchestrator.tracking import MlflowTracking
     from orchestrator.trainable import train_cdl
 
@@ -163,14 +201,21 @@ def run_sweep(space: SweepSpace, plan: Plan, args: argparse.Namespace) -> int:
     experiment = args.experiment or sweep
     tracking_uri = args.tracking_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
     optuna_url = args.optuna_storage or f"sqlite:///{Path.cwd() / 'optuna.db'}"
-    storage = args.storage_path if "://" in args.storage_path else str(Path(args.storage_path).resolve())
+    storage = storage_location(args)
+    teacher_store = None if args.no_teacher_reuse else teacher_store_location(args)
     experiment_path = f"{storage.rstrip('/')}/{sweep}"
 
     ray.init(address=args.address, include_dashboard=False, log_to_driver=True)
     try:
         check_resources(space, ray.cluster_resources())
         prepare_backbones(space)
-        trainable = tune.with_resources(train_cdl, {"cpu": space.cpus_per_trial, "gpu": space.gpus_per_trial})
+        sharing = None
+        if teacher_store is not None:
+            sharing = TeacherSharing(teacher_store, f"cdl-teacher-leases:{sweep}")
+            leases = start_lease_actor(sharing.lease_actor)  # noqa: F841 (held: the actor lives while the driver references it)
+        trainable = tune.with_resources(
+            tune.with_parameters(train_cdl, teachers=sharing), {"cpu": space.cpus_per_trial, "gpu": space.gpus_per_trial}
+        )
         if args.resume:
             if not tune.Tuner.can_restore(experiment_path):
                 raise SweepError(f"nothing to resume at {experiment_path}; start the sweep without --resume")
@@ -180,7 +225,8 @@ def run_sweep(space: SweepSpace, plan: Plan, args: argparse.Namespace) -> int:
                 raise SweepError(f"sweep {sweep!r} already exists at {experiment_path}; continue it with --resume or pick another --name")
             searcher = PerCellOptunaSearch(space, CellStudies(space, sweep, optuna_url))
             sweep_params = {"space": space.name, "cells": len(plan.cells), "trials": plan.total_trials, "metric": space.metric,
-                            "pruner": space.pruner, "pruner_args": space.pruner_args, "optuna_storage": optuna_url}
+                            "pruner": space.pruner, "pruner_args": space.pruner_args, "optuna_storage": optuna_url,
+                            "teacher_store": teacher_store or "none (no reuse)"}
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(

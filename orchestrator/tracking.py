@@ -2,9 +2,11 @@
 
 One experiment per sweep, one parent run for the sweep, one child run per trial (named after its cell and
 Optuna trial) with the whole config as params, cell/status tags, per-task metrics with step = task, and
-artifacts (resolved config, accuracy matrix as CSV and heatmap, accuracy curve). Only the driver writes, so
-concurrent trials never contend for the default sqlite store; on resume, runs are found again by tag and
-steps already logged are not logged twice.
+artifacts (resolved config, accuracy matrix as CSV and heatmap, accuracy curve). A stored teacher, shared by
+many trials, gets one teacher run (role=teacher, tagged with its teacher_key) holding its metrics once; each
+trial using it carries the teacher_key and teacher_run_id tags. Only the driver writes, so concurrent trials
+never contend for the default sqlite store; on resume, runs are found again by tag and steps already logged
+are not logged twice.
 """
 from __future__ import annotations
 
@@ -69,6 +71,15 @@ def save_matrix_artifacts(matrix: list[list[float]], directory: Path, title: str
     return [csv, heatmap, curve]
 
 
+def _numeric(result: dict) -> dict[str, float]:
+    """The metrics of a Tune result, without Tune's own bookkeeping."""
+    return {
+        k: v for k, v in result.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("task", "n_tasks", "timestamp", "pid")
+        and not k.startswith(("time_", "timesteps_", "episodes_", "iterations_", "training_iteration", "done"))
+    }
+
+
 class MlflowTracking(Callback):
     def __init__(self, tracking_uri: str, experiment: str, sweep: str, sweep_params: dict[str, Any]) -> None:
         self.tracking_uri = tracking_uri
@@ -79,11 +90,12 @@ class MlflowTracking(Callback):
         self._runs: dict[str, str] = {}  # Tune trial id -> MLflow run id
         self._logged_steps: dict[str, set[int]] = {}
         self._ended: set[str] = set()  # Tune trial ids that completed or failed while this driver ran
+        self._teacher_runs: dict[str, str] = {}  # teacher key -> MLflow run id
         self.parent_run_id: str | None = None
         self.experiment_id: str | None = None
 
     def __getstate__(self) -> dict[str, Any]:  # Tune pickles callbacks with the experiment state
-        return self.__dict__ | {"_client": None, "_runs": {}, "_logged_steps": {}, "_ended": set()}
+        return self.__dict__ | {"_client": None, "_runs": {}, "_logged_steps": {}, "_ended": set(), "_teacher_runs": {}}
 
     @property
     def client(self) -> MlflowClient:
@@ -138,22 +150,73 @@ class MlflowTracking(Callback):
         self._runs[trial.trial_id] = run_id
         return run_id
 
+    def teacher_run_id(self, key: str, trial) -> str:
+        """The sweep's one MLflow run for the stored teacher `key` (found again by tag after a resume)."""
+        if key in self._teacher_runs:
+            return self._teacher_runs[key]
+        found = self.client.search_runs(
+            [self.experiment_id], f"tags.sweep = '{self.sweep}' and tags.role = 'teacher' and tags.teacher_key = '{key}'", max_results=1,
+        )
+        if found:
+            run_id = found[0].info.run_id
+            self._logged_steps[run_id] = {m.step for m in self.client.get_metric_history(run_id, "val_avg_acc")}
+            if found[0].info.status == "KILLED":  # partial in an interrupted sweep; trials may take it further
+                self.client.update_run(run_id, status="RUNNING")
+        else:
+            run_cfg = trial.config["run"]
+            teacher, method = run_cfg["teacher"]["preset"], run_cfg["prompt"]["method"]
+            dataset, seed = run_cfg["data"]["name"], run_cfg["train"]["seed"]
+            name = f"teacher {teacher}.{method}.{dataset}.s{seed} [{key[:8]}]"
+            tags = {
+                MLFLOW_PARENT_RUN_ID: self.parent_run_id, MLFLOW_RUN_NAME: name, "role": "teacher", "sweep": self.sweep,
+                "teacher_key": key, "teacher": teacher, "method": method, "dataset": dataset, "seed": str(seed),
+                "query_backbone": run_cfg["student"]["preset"] if run_cfg["query"] == "student" else "own", "status": "running",
+            }
+            run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+            # What the teacher depends on: everything but the student-side distillation settings
+            params = [Param(k, v) for k, v in flatten({k: v for k, v in run_cfg.items() if k != "distill"}).items()]
+            for start in range(0, len(params), 100):
+                self.client.log_batch(run_id, params=params[start : start + 100])
+            self._logged_steps[run_id] = set()
+        self._teacher_runs[key] = run_id
+        return run_id
+
     def on_trial_start(self, iteration: int, trials: list, trial, **info: Any) -> None:
         self.run_id(trial)
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info: Any) -> None:
         run_id = self.run_id(trial)
         step = int(result["task"])
+        key = result.get("teacher_key")
+        if key is not None:
+            self._log_teacher(key, trial, result, step)
         if step in self._logged_steps[run_id]:
             return
+        if key is not None and step == 1:
+            self.client.set_tag(run_id, "teacher_key", key)
+            self.client.set_tag(run_id, "teacher_run_id", self._teacher_runs[key])
         metrics = [
             Metric(k, float(v), int(result.get("timestamp", 0)) * 1000, step)
-            for k, v in result.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("task", "n_tasks", "timestamp", "pid")
-            and not k.startswith(("time_", "timesteps_", "episodes_", "iterations_", "training_iteration", "done"))
+            for k, v in _numeric(result).items() if key is None or not k.startswith("teacher_")  # a stored teacher's are in its own run
         ]
         self.client.log_batch(run_id, metrics=metrics)
         self._logged_steps[run_id].add(step)
+
+    def _log_teacher(self, key: str, trial, result: dict, step: int) -> None:
+        """The teacher's metrics after task `step`, once, whichever trial reports them first."""
+        run_id = self.teacher_run_id(key, trial)
+        if step in self._logged_steps[run_id]:
+            return
+        timestamp = int(result.get("timestamp", 0)) * 1000
+        metrics = [Metric(k.removeprefix("teacher_"), float(v), timestamp, step) for k, v in _numeric(result).items() if k.startswith("teacher_")]
+        self.client.log_batch(run_id, metrics=metrics)
+        self._logged_steps[run_id].add(step)
+        if step == result["n_tasks"]:
+            with tempfile.TemporaryDirectory() as tmp:
+                for path in save_matrix_artifacts(json.loads(result["teacher_test_matrix"]), Path(tmp), f"teacher [{key[:8]}]"):
+                    self.client.log_artifact(run_id, str(path))
+            self.client.set_tag(run_id, "status", "completed")
+            self.client.set_terminated(run_id, "FINISHED")
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
         run_id = self.run_id(trial)
@@ -190,5 +253,9 @@ class MlflowTracking(Callback):
             counts[status] += 1
         now = int(time.time() * 1000)  # a resumed sweep's counts must be the latest values, not tie with the old ones
         self.client.log_batch(self.parent_run_id, metrics=[Metric(f"trials_{k}", v, now, 0) for k, v in counts.items()])
+        for run_id in self._teacher_runs.values():  # a teacher whose trials all stopped before the last task
+            if self.client.get_run(run_id).info.status == "RUNNING":
+                self.client.set_tag(run_id, "status", "partial")
+                self.client.set_terminated(run_id, "KILLED")
         finished = sum(n for status, n in counts.items() if status != "interrupted")
         self.client.set_terminated(self.parent_run_id, "FINISHED" if finished >= self.sweep_params["trials"] else "KILLED")

@@ -1,7 +1,9 @@
 """The Ray Tune function trainable: one trial = one `cdl_core` run, reported and checkpointed task by task.
 
 Thin on purpose: it validates the trial's RunConfig dict, resumes from the last task checkpoint if Tune
-restarted the trial, and after every task reports the metrics and saves a checkpoint (Tune keeps one).
+restarted the trial, and after every task reports the metrics and saves a checkpoint (Tune keeps one). A
+sequential-schedule teacher comes from the sweep's teacher store (trained by the first trial that needs it);
+trial checkpoints then hold only the student.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from ray import tune
 from cdl_core import metrics
 from cdl_core.config import RunConfig
 from cdl_core.learner import ContinualRun, TaskReport
+from orchestrator.teachers import TeacherSharing
 
 STATE_FILE = "run_state.pt"
 
@@ -38,11 +41,17 @@ def task_metrics(run: ContinualRun, report: TaskReport) -> dict[str, Any]:
     if "teacher" in run.state.matrices:
         out["teacher_test_matrix"] = json.dumps(run.state.matrices["teacher"]["test"])
     out["task_seconds"] = report.seconds["total"]
+    if run.teacher_entry is not None:  # the teacher run in MLflow is found by this key
+        out["teacher_key"] = run.teacher_entry.key
+        out["trained_teacher_task"] = int(report.teacher_trained)  # 1: this trial trained the teacher on this task
+        out["teacher_wait_seconds"] = run.teacher_wait_seconds  # so far, waiting while another trial trained it
     return out
 
 
-def train_cdl(config: dict[str, Any]) -> None:
-    run = ContinualRun(RunConfig.from_dict(config["run"]))
+def train_cdl(config: dict[str, Any], teachers: TeacherSharing | None = None) -> None:
+    cfg = RunConfig.from_dict(config["run"])
+    shared = teachers is not None and cfg.teacher is not None and cfg.distill.schedule == "sequential"
+    run = ContinualRun(cfg, teacher_store=teachers.store, teacher_lock=teachers.lock) if shared else ContinualRun(cfg)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:  # Tune restarted this trial: continue after its last finished task
         with checkpoint.as_directory() as directory:

@@ -15,7 +15,7 @@ from ray.tune.search import Searcher
 from orchestrator import sweep
 from orchestrator.pruning import CellStudies, OptunaPruningScheduler, PerCellOptunaSearch
 from orchestrator.space import SpaceError, SweepSpace, available_spaces, load_space
-from orchestrator.sweep import SweepError, check_resources, main
+from orchestrator.sweep import SweepError, check_resources, main, make_plan
 from orchestrator.tracking import flatten, save_matrix_artifacts, trial_status
 from search_spaces import full, paper, smoke
 
@@ -244,12 +244,14 @@ def test_suggested_trial_carries_the_tuned_values_in_its_run_config(tmp_path):
 def dry_run_numbers(out: str) -> dict[str, float]:
     head = re.search(r"space (\S+): (\d+) cells, (\d+) trials", out)
     res = re.search(r"resources per trial: ([\d.]+) CPU, ([\d.]+) GPU", out)
-    teachers = re.search(r"teacher trainings: (\d+) .*distinct teachers: (\d+)", out)
-    assert head and res and teachers, out
-    rows = dict(re.findall(r"^(\S+\.s\d+)\s+(\d+)$", out, flags=re.M))
+    without = re.search(r"^teacher trainings without reuse:\s+(\d+)", out, flags=re.M)
+    with_reuse = re.search(r"^teacher trainings with reuse:\s+(\d+)", out, flags=re.M)
+    assert head and res and without and with_reuse, out
+    rows = re.findall(r"^(\S+\.s\d+)\s+(\d+)\s+(\S+)$", out, flags=re.M)
     return {"cells": int(head[2]), "trials": int(head[3]), "cpu": float(res[1]), "gpu": float(res[2]),
-            "teacher_trainings": int(teachers[1]), "distinct_teachers": int(teachers[2]),
-            "rows": {k: int(v) for k, v in rows.items()}}
+            "teacher_trainings": int(without[1]), "distinct_teachers": int(with_reuse[1]),
+            "rows": {k: int(v) for k, v, _ in rows}, "keys": {k: key for k, _, key in rows},
+            "used": "with" if re.search(r"^teacher trainings with reuse:.*<- this sweep", out, flags=re.M) else "without"}
 
 
 @pytest.mark.parametrize("name", ["smoke", "full"])
@@ -275,6 +277,52 @@ def test_dry_run_prints_the_plan_without_starting_ray(name, capsys):
     assert len(got["rows"]) == expected["cells"] and sum(got["rows"].values()) == expected["trials"]
     for key, trials in got["rows"].items():
         assert trials == (1 if ".none." in key else space.trials_per_cell), key
+    # cells share a teacher key exactly when they differ only in the KD method
+    keys = {cell: key for cell, key in got["keys"].items() if key != "-"}
+    assert len(keys) == n_teacher_cells and len(set(keys.values())) == expected["distinct_teachers"]
+    for cell, key in keys.items():
+        for other, other_key in keys.items():
+            same_teacher = cell.split(".")[:2] + cell.split(".")[3:] == other.split(".")[:2] + other.split(".")[3:]
+            assert (key == other_key) == same_teacher, (cell, other)
+    assert all(key == "-" for cell, key in got["keys"].items() if cell.startswith("none-"))
+    assert got["used"] == "with"
+
+
+def test_dry_run_without_teacher_reuse_marks_the_per_trial_count_as_used(capsys):
+    assert main(["--space", "smoke", "--dry-run", "--no-teacher-reuse"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^teacher trainings without reuse:\s+18 .*<- this sweep$", out, flags=re.M), out
+    assert re.search(r"^teacher trainings with reuse:\s+3 [^<]*$", out, flags=re.M), out
+
+
+def test_an_empty_teacher_store_location_is_rejected_with_exit_code_2(capsys):
+    assert main(["--space", "smoke", "--dry-run", "--teacher-store", " "]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --teacher-store is empty") and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("tune", "base", "expected"),
+    [
+        # tuning a student-side setting: the KD cell's 3 trials share one teacher
+        ('return {"distill.alpha": trial.suggest_float("alpha", 0.1, 0.9)} if cell.kd != "none" else {}', {}, (3, 1, 0)),
+        # tuning the learning rate changes the teacher too: each trial trains its own
+        ('return {"train.lr": trial.suggest_float("lr", 1e-4, 1e-2, log=True)}', {}, (3, 3, 3)),
+        # a joint-schedule teacher trains with its student: never shared
+        ('return {"distill.alpha": trial.suggest_float("alpha", 0.1, 0.9)} if cell.kd != "none" else {}',
+         {"distill.schedule": "joint"}, (3, 3, 3)),
+    ],
+    ids=["student-side-tuning", "tuned-lr", "joint-schedule"],
+)
+def test_plan_counts_teacher_trainings_with_and_without_reuse(tmp_path, tune, base, expected):
+    path = tmp_path / "plan.py"
+    path.write_text(
+        "from orchestrator.space import SweepSpace\n\n\ndef tune(trial, cell):\n    " + tune + "\n\n\n"
+        f"SPACE = SweepSpace(name='plan', description='', pairs=[('demo-t', 'demo-s'), (None, 'demo-s')], methods=['coda'], "
+        f"kd_methods=['kd'], datasets=['synthetic'], tune=tune, trials_per_cell=3, base={base!r})\n"
+    )
+    plan = make_plan(load_space(str(path)))
+    assert (plan.teacher_trainings_without_reuse, plan.teacher_trainings_with_reuse, plan.own_teacher_trials) == expected
 
 
 def test_dry_run_applies_resource_overrides(capsys):
@@ -505,7 +553,7 @@ def test_a_trial_whose_accuracy_falls_faster_than_its_cells_is_pruned_although_i
         decision = TrialScheduler.CONTINUE
         for t, acc in enumerate(accuracies, start=1):
             matrices.append([acc] * t)
-            run = SimpleNamespace(n_tasks=4, state=SimpleNamespace(matrices={"student": {"val": matrices, "test": matrices}}))
+            run = SimpleNamespace(n_tasks=4, teacher_entry=None, state=SimpleNamespace(matrices={"student": {"val": matrices, "test": matrices}}))
             result = task_metrics(run, SimpleNamespace(task_id=t - 1, seconds={"total": 0.0}))
             decision = scheduler.on_trial_result(None, SimpleNamespace(trial_id=tid), result)
             if decision == TrialScheduler.STOP:

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -74,7 +75,13 @@ def mlflow_runs(uri: str, experiment: str) -> tuple[MlflowClient, object, list]:
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     parents = [r for r in runs if r.data.tags.get("role") == "sweep"]
     assert len(parents) == 1
-    return client, parents[0], [r for r in runs if r.data.tags.get("role") != "sweep"]
+    assert {r.data.tags.get("role") for r in runs} <= {"sweep", "trial", "teacher"}
+    return client, parents[0], [r for r in runs if r.data.tags.get("role") == "trial"]
+
+
+def teacher_runs(client: MlflowClient, experiment: str) -> list:
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], "tags.role = 'teacher'", max_results=1000)
 
 
 def steps(client: MlflowClient, run_id: str, metric: str = "val_avg_acc") -> list[int]:
@@ -144,7 +151,12 @@ def test_tiny_sweep_runs_concurrent_trials_and_tracks_everything_in_mlflow_and_o
     assert all(c.data.params["distill.alpha"] == c.data.params["tuned.alpha"] for c in kd_runs)
     alone = next(c for c in children if c.data.tags["kd"] == "none")
     assert alone.data.tags["teacher"] == "none" and alone.data.params["teacher"] == "None"
-    assert "teacher_val_avg_acc" in kd_runs[0].data.metrics and "teacher_val_avg_acc" not in alone.data.metrics
+    # the stored teacher's metrics are in its own run, once; the trials using it link to it by tag
+    (teacher,) = teacher_runs(MlflowClient(uri), "tiny1")
+    assert teacher.info.status == "FINISHED" and "val_avg_acc" in teacher.data.metrics
+    assert {c.data.tags["teacher_run_id"] for c in kd_runs} == {teacher.info.run_id}
+    assert {c.data.tags["teacher_key"] for c in kd_runs} == {teacher.data.tags["teacher_key"]}
+    assert not any(k.startswith("teacher_") for c in children for k in c.data.metrics)
     check_optuna_matches_mlflow(f"sqlite:///{workdir / 'optuna.db'}", "tiny1", MlflowClient(uri), children)
     # the sweep name is taken: a second run must resume, not silently start over
     assert main(["--space", space, "--name", "tiny1"]) == 2
@@ -328,3 +340,96 @@ def test_a_sweep_tracks_into_an_mlflow_tracking_server(workdir, mlflow_server):
     assert not (workdir / "mlflow.db").exists()  # nothing went to the default store
     children = check_tracked_sweep(mlflow_server, "served", "served", n_tasks=2, expected_trials=1)
     assert children[0].data.tags["cell"] == "none-demo-s.coda.none.synthetic.s0"
+
+
+# -- 6. trials that need the same teacher ------------------------------------------------------------------------
+def tune_rows(experiment: Path) -> dict[str, list[dict]]:
+    """Tune trial id -> the results it reported, in order (complete lines of its result.json)."""
+    out = {}
+    for result in experiment.glob("*/result.json"):
+        rows = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+        out[rows[0]["trial_id"]] = rows
+    return out
+
+
+def test_concurrent_trials_needing_one_teacher_train_it_once_and_students_match_a_fresh_teacher(workdir):
+    from cdl_core.config import RunConfig
+    from cdl_core.learner import ContinualRun, teacher_key
+    from cdl_core.teacher_store import TeacherStore
+    from orchestrator.space import load_space
+    from orchestrator.teachers import TeacherSharing, start_lease_actor
+
+    n_tasks = 2
+    base = TINY | {"data.n_tasks": n_tasks}
+    # 3 KD cells x 2 trials, half a CPU each: up to 4 trials at once on 2 CPUs, all needing the same teacher
+    space = write_space(workdir, "shared", KD_ALPHA, pairs=[("demo-t", "demo-s")], kd_methods=["kd", "dkd", "cdl_prompt"],
+                        cpus_per_trial=0.5, pruner="none", pruner_args={}, base=base)
+    loaded = load_space(space)
+    key = teacher_key(RunConfig.from_dict(loaded.run_config(loaded.cells()[0])))
+    # Make the race certain: hold teacher task 1's lease (as a trial training it would) until four trials have
+    # started, so they all want it at once; then let them go.
+    sharing = TeacherSharing(str(workdir / "ray_results" / "teachers"), "cdl-teacher-leases:shared", lease_ttl=10)
+    actor = start_lease_actor(sharing.lease_actor)  # noqa: F841 (the sweep finds it by name)
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+
+    def hold_until_four_trials_started() -> None:
+        with sharing.lock(f"{key}/task_0"):
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                try:
+                    if len(MlflowClient(uri).search_runs(
+                            [MlflowClient(uri).get_experiment_by_name("shared").experiment_id], "tags.role = 'trial'")) >= 4:
+                        break
+                except Exception:  # the experiment does not exist yet
+                    pass
+                time.sleep(0.5)
+            time.sleep(2.0)  # the fourth trial reaches the lease
+
+    holder = threading.Thread(target=hold_until_four_trials_started)
+    holder.start()
+    assert main(["--space", space, "--name", "shared"]) == 0
+    holder.join()
+    rows = tune_rows(workdir / "ray_results" / "shared")
+    assert len(rows) == 6 and all([r["task"] for r in trial] == [1, 2] for trial in rows.values())
+    keys = {r["teacher_key"] for trial in rows.values() for r in trial}
+    assert len(keys) == 1
+    (key,) = keys
+    # every teacher task was trained by exactly one trial; the other five loaded it
+    for task in range(n_tasks):
+        assert sum(trial[task]["trained_teacher_task"] for trial in rows.values()) == 1, task
+    # the four that wanted teacher task 1 at once waited; one trained it, the three others then loaded it
+    waited = [t for t in rows.values() if t[0]["teacher_wait_seconds"] > 1.0]
+    assert len(waited) >= 4, {tid: (t[0]["trained_teacher_task"], t[0]["teacher_wait_seconds"]) for tid, t in rows.items()}
+    assert sum(t[0]["trained_teacher_task"] for t in waited) == 1
+    store = TeacherStore(workdir / "ray_results" / "teachers")
+    assert store.keys() == [key] and store.entry(key).committed() == [0, 1]
+    assert not [i.base_name for i in store.entry(key).files() if i.base_name.startswith(".tmp-")]
+
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    client, _, children = mlflow_runs(uri, "shared")
+    (teacher,) = teacher_runs(client, "shared")  # the teacher's metrics once, in one run
+    assert teacher.data.tags["teacher_key"] == key and teacher.info.status == "FINISHED"
+    assert steps(client, teacher.info.run_id) == [1, 2] and steps(client, teacher.info.run_id, "test_avg_acc") == [1, 2]
+    assert teacher.data.params["teacher.preset"] == "demo-t" and "distill.method" not in teacher.data.params
+    teacher_matrix = store.entry(key).matrix("test")
+    assert json.loads(rows[next(iter(rows))][-1]["teacher_test_matrix"]) == teacher_matrix
+    assert teacher.data.metrics["test_avg_acc"] == pytest.approx(sum(teacher_matrix[-1]) / n_tasks)
+    assert "accuracy_matrix.csv" in {a.path for a in client.list_artifacts(teacher.info.run_id)}
+    for run in children:
+        assert run.data.tags["teacher_key"] == key and run.data.tags["teacher_run_id"] == teacher.info.run_id
+        assert not any(k.startswith("teacher_") for k in run.data.metrics)
+
+    # A student that loaded its teacher gives the results of a run that trains its own teacher (same seed).
+    loader = next(t for t in waited if t[0]["trained_teacher_task"] == 0)
+    cfg = RunConfig.from_dict(loader[0]["config"]["run"])
+    assert teacher_key(cfg) == key
+    fresh = ContinualRun(cfg).run()  # no store: trains the teacher here
+    assert json.loads(loader[-1]["test_matrix"]) == fresh["matrices"]["student"]["test"]
+    assert fresh["matrices"]["teacher"]["test"] == teacher_matrix
+
+    # Another sweep over the same store trains no teacher at all.
+    again = write_space(workdir, "shared_again", KD_ALPHA, pairs=[("demo-t", "demo-s")], kd_methods=["cdl_prompt"],
+                        trials_per_cell=1, pruner="none", pruner_args={}, base=base)
+    assert main(["--space", again, "--name", "shared_again"]) == 0
+    (trial,) = tune_rows(workdir / "ray_results" / "shared_again").values()
+    assert [r["trained_teacher_task"] for r in trial] == [0, 0] and trial[0]["teacher_key"] == key

@@ -1,9 +1,11 @@
 """Teacher -> student training with cdl_core.learner.ContinualRun: gradient flow in a student step, both
-schedules, tiny synthetic runs of every KD method and prompt method, teacher checkpoints, rejected
+schedules, tiny synthetic runs of every KD method and prompt method, the teacher store, rejected
 combinations, and the `python -m cdl_core.run` CLI in-process."""
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,10 +13,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from cdl_core import run as cli
-from cdl_core.checkpoints import TeacherCheckpointError
 from cdl_core.config import BackboneConfig, ConfigError, DataConfig, DistillConfig, PromptConfig, RunConfig, TrainConfig
 from cdl_core.distill import TaskClasses
-from cdl_core.learner import ContinualRun
+from cdl_core.learner import ContinualRun, teacher_identity, teacher_key
+from cdl_core.teacher_store import TeacherStore, TeacherStoreError
 
 N_TASKS, CLASSES_PER_TASK, TRAIN_PER_CLASS, TEST_PER_CLASS = 2, 5, 1, 1
 BATCH = CLASSES_PER_TASK * TRAIN_PER_CLASS  # one step per task
@@ -171,7 +173,7 @@ def test_tiny_joint_run_produces_student_and_teacher_matrices():
     assert [set(r.rows) for r in reports] == [{"student", "teacher"}] * N_TASKS
 
 
-# -- teacher checkpoints --------------------------------------------------------------------------------------
+# -- the teacher store ---------------------------------------------------------------------------------------
 
 
 def test_random_backbone_weights_do_not_depend_on_global_rng_state():
@@ -183,12 +185,12 @@ def test_random_backbone_weights_do_not_depend_on_global_rng_state():
     second = ContinualRun(make_cfg("coda", "kd"))
     assert first.student_backbone.weights_sha256 == second.student_backbone.weights_sha256
     assert first.teacher_backbone.weights_sha256 == second.teacher_backbone.weights_sha256
-    assert first.teacher_identity() == second.teacher_identity()
+    assert first.teacher_facts() == second.teacher_facts()
 
 
 def seeded_run(cfg, **kw) -> ContinualRun:
     # Pin the global RNG before construction: random-weight backbones currently depend on it (see the test above),
-    # and these tests are about the checkpoints, not that.
+    # and these tests are about the store, not that.
     torch.manual_seed(0)
     return ContinualRun(cfg, **kw)
 
@@ -200,14 +202,15 @@ def stored_teacher(tmp_path_factory):
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("CDL_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-            directory = tmp_path_factory.mktemp("teacher")
+            directory = tmp_path_factory.mktemp("teachers")
             cfg = make_cfg("coda", "cdl_prompt")
-            run = seeded_run(cfg, teacher_dir=directory)
-            results = run.run()
+            run = seeded_run(cfg, teacher_store=directory)
+            reports = []
+            results = run.run(on_task=reports.append)
     finally:
         torch.set_num_threads(threads)
     return dict(
-        dir=directory, results=results, student=run.student.trainable_state_dict(),
+        dir=directory, key=teacher_key(cfg), results=results, reports=reports, student=run.student.trainable_state_dict(),
         teacher=run.teacher.trainable_state_dict(),
     )
 
@@ -217,20 +220,24 @@ def forbid_teacher_training(monkeypatch):
 
     def guarded(self, role, task):
         if role == "teacher":
-            raise AssertionError("the teacher was trained although require_teacher=True")
+            raise AssertionError("the teacher was trained although it is stored")
         return train_phase(self, role, task)
 
     monkeypatch.setattr(ContinualRun, "_train_phase", guarded)
 
 
-def test_teacher_run_saves_a_checkpoint_per_task(stored_teacher):
+def test_a_teacher_run_stores_each_task_under_the_teacher_key(stored_teacher):
     check_matrices(stored_teacher["results"])  # also the tiny sequential coda + cdl_prompt run
-    directory = stored_teacher["dir"]
-    assert sorted(p.name for p in directory.iterdir()) == ["task_0.pt", "task_1.pt", "teacher.json"]
-    manifest = json.loads((directory / "teacher.json").read_text())
-    teacher_matrix = stored_teacher["results"]["matrices"]["teacher"]["test"]
-    assert [manifest["tasks"][str(t)]["test"] for t in range(N_TASKS)] == teacher_matrix
-    last = torch.load(directory / "task_1.pt", weights_only=True)
+    assert [r.teacher_trained for r in stored_teacher["reports"]] == [True] * N_TASKS
+    assert [p.name for p in stored_teacher["dir"].iterdir()] == [stored_teacher["key"]]
+    entry_dir = stored_teacher["dir"] / stored_teacher["key"]
+    assert sorted(p.name for p in entry_dir.iterdir()) == ["task_0.json", "task_0.pt", "task_1.json", "task_1.pt", "teacher.json"]
+    manifest = json.loads((entry_dir / "teacher.json").read_text())
+    assert manifest["identity"] == json.loads(json.dumps(teacher_identity(make_cfg("coda", "cdl_prompt"))))
+    entry = TeacherStore(stored_teacher["dir"]).entry(stored_teacher["key"])
+    assert entry.matrix("test") == stored_teacher["results"]["matrices"]["teacher"]["test"]
+    last, record = entry.load(1)
+    assert record["sha256"] == hashlib.sha256((entry_dir / "task_1.pt").read_bytes()).hexdigest()
     assert set(last) == set(stored_teacher["teacher"])
     assert all(torch.equal(last[k], v) for k, v in stored_teacher["teacher"].items())
     assert not any(k.startswith("backbone.") for k in last)
@@ -238,8 +245,10 @@ def test_teacher_run_saves_a_checkpoint_per_task(stored_teacher):
 
 def test_stored_teacher_is_loaded_not_trained_and_student_is_bit_identical(stored_teacher, monkeypatch):
     forbid_teacher_training(monkeypatch)
-    run = seeded_run(make_cfg("coda", "cdl_prompt"), teacher_dir=stored_teacher["dir"], require_teacher=True)
-    results = run.run()
+    run = seeded_run(make_cfg("coda", "cdl_prompt"), teacher_store=stored_teacher["dir"], require_teacher=True)
+    reports = []
+    results = run.run(on_task=reports.append)
+    assert [r.teacher_trained for r in reports] == [False] * N_TASKS
     assert results["matrices"] == stored_teacher["results"]["matrices"]
     student = run.student.trainable_state_dict()
     assert set(student) == set(stored_teacher["student"])
@@ -249,52 +258,86 @@ def test_stored_teacher_is_loaded_not_trained_and_student_is_bit_identical(store
         assert torch.equal(run.teacher.trainable_state_dict()[key], value), key
 
 
+def test_a_teacher_partly_stored_is_loaded_then_trained_on_and_matches_a_fresh_run(stored_teacher, tmp_path):
+    """Task 0 from the store, task 1 trained here: the same teacher and student as the run that trained both."""
+    shutil.copytree(stored_teacher["dir"], tmp_path / "store")
+    entry_dir = tmp_path / "store" / stored_teacher["key"]
+    (entry_dir / "task_1.json").unlink()  # task 1 uncommitted, as if its writer had been killed
+    run = seeded_run(make_cfg("coda", "cdl_prompt"), teacher_store=tmp_path / "store")
+    reports = []
+    results = run.run(on_task=reports.append)
+    assert [r.teacher_trained for r in reports] == [False, True]
+    assert results["matrices"] == stored_teacher["results"]["matrices"]
+    assert (entry_dir / "task_1.json").is_file()
+    for key, value in stored_teacher["teacher"].items():
+        assert torch.equal(run.teacher.trainable_state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("store_pruned", [False, True], ids=["teacher-from-store", "store-pruned-teacher-rebuilt"])
+def test_a_resumed_run_takes_its_teacher_from_the_store_not_from_its_own_checkpoint(stored_teacher, tmp_path, store_pruned):
+    """What a restarted trial does: its checkpoint holds only the student; the teacher comes back from the
+    store (or is retrained into it when the store lost it), and the run ends as the uninterrupted one."""
+    shutil.copytree(stored_teacher["dir"], tmp_path / "store")
+    first = seeded_run(make_cfg("coda", "cdl_prompt"), teacher_store=tmp_path / "store")
+    first.run_task()
+    state = first.state_dict()
+    assert "teacher" not in state and "student" in state
+    if store_pruned:
+        TeacherStore(tmp_path / "store").remove(stored_teacher["key"])
+    resumed = seeded_run(make_cfg("coda", "cdl_prompt"), teacher_store=tmp_path / "store")
+    resumed.load_state_dict(state)
+    results = resumed.run()
+    assert results["matrices"] == stored_teacher["results"]["matrices"]
+    for key, value in stored_teacher["teacher"].items():
+        assert torch.equal(resumed.teacher.trainable_state_dict()[key], value), key
+    assert TeacherStore(tmp_path / "store").entry(stored_teacher["key"]).committed() == [0, 1]
+
+
 def test_student_only_settings_reuse_the_stored_teacher(stored_teacher, monkeypatch):
     forbid_teacher_training(monkeypatch)
     cfg = make_cfg("coda", "dkd", alpha=0.9, temperature=4.0)
-    report = seeded_run(cfg, teacher_dir=stored_teacher["dir"], require_teacher=True).run_task()
+    assert teacher_key(cfg) == stored_teacher["key"]
+    report = seeded_run(cfg, teacher_store=stored_teacher["dir"], require_teacher=True).run_task()
     assert report.rows["teacher"]["test"] == stored_teacher["results"]["matrices"]["teacher"]["test"][0]
 
 
+def with_lr(cfg, lr):
+    cfg.train.lr = lr
+    return cfg
+
+
 @pytest.mark.parametrize(
-    "cfg, differs",
-    [
-        (make_cfg("coda", "cdl_prompt", prompt_params={"pool_size": 20}), "prompt"),
-        (make_cfg("l2p", "cdl_prompt"), "prompt"),
-    ],
+    "cfg",
+    [make_cfg("coda", "cdl_prompt", prompt_params={"pool_size": 20}), make_cfg("l2p", "cdl_prompt"), with_lr(make_cfg(), 5e-3)],
+    ids=["prompt-params", "prompt-method", "lr"],
 )
-def test_stored_teacher_with_a_different_config_is_rejected(stored_teacher, monkeypatch, cfg, differs):
+def test_a_teacher_that_differs_is_not_served_from_another_entry(stored_teacher, monkeypatch, cfg):
     forbid_teacher_training(monkeypatch)
-    run = seeded_run(cfg, teacher_dir=stored_teacher["dir"])
-    with pytest.raises(TeacherCheckpointError, match=f"different teacher.*differs in: .*{differs}"):
+    assert teacher_key(cfg) != stored_teacher["key"]
+    run = seeded_run(cfg, teacher_store=stored_teacher["dir"], require_teacher=True)
+    with pytest.raises(TeacherStoreError, match=f"teacher {teacher_key(cfg)} in .* has no stored task 0"):
         run.run_task()
 
 
-def test_stored_teacher_with_different_training_settings_is_rejected(stored_teacher):
-    cfg = make_cfg("coda", "cdl_prompt")
-    cfg.train.lr = 5e-3
-    with pytest.raises(TeacherCheckpointError, match="different teacher.*train"):
-        seeded_run(cfg, teacher_dir=stored_teacher["dir"]).run_task()
-
-
-def test_require_teacher_without_checkpoint_gives_clear_error(tmp_path, monkeypatch):
+def test_require_teacher_with_an_empty_store_gives_clear_error(tmp_path, monkeypatch):
     forbid_teacher_training(monkeypatch)
-    run = ContinualRun(make_cfg("coda", "cdl_prompt"), teacher_dir=tmp_path / "empty", require_teacher=True)
-    with pytest.raises(TeacherCheckpointError, match="no teacher checkpoint for task 0"):
+    run = ContinualRun(make_cfg("coda", "cdl_prompt"), teacher_store=tmp_path / "empty", require_teacher=True)
+    with pytest.raises(TeacherStoreError, match="has no stored task 0; train the teacher first"):
         run.run_task()
+    assert not (tmp_path / "empty").exists()
 
 
 @pytest.mark.parametrize(
     "cfg, kwargs, match",
     [
-        (make_cfg("coda", "cdl_prompt", schedule="joint"), {"teacher_dir": "T"}, "sequential"),
-        (make_cfg("coda", "none", teacher=False), {"teacher_dir": "T"}, "need a teacher"),
-        (make_cfg("coda", "cdl_prompt"), {"require_teacher": True}, "require_teacher needs a teacher checkpoint directory"),
+        (make_cfg("coda", "cdl_prompt", schedule="joint"), {"teacher_store": "T"}, "sequential"),
+        (make_cfg("coda", "none", teacher=False), {"teacher_store": "T"}, "needs a teacher"),
+        (make_cfg("coda", "cdl_prompt"), {"require_teacher": True}, "require_teacher needs a teacher store"),
     ],
 )
-def test_teacher_dir_misuse_is_rejected(cfg, kwargs, match, tmp_path):
-    if "teacher_dir" in kwargs:
-        kwargs = dict(kwargs, teacher_dir=tmp_path / "t")
+def test_teacher_store_misuse_is_rejected(cfg, kwargs, match, tmp_path):
+    if "teacher_store" in kwargs:
+        kwargs = dict(kwargs, teacher_store=tmp_path / "t")
     with pytest.raises(ConfigError, match=match):
         ContinualRun(cfg, **kwargs)
     assert not (tmp_path / "t").exists()
@@ -334,21 +377,21 @@ def test_cli_kd_without_teacher_exits_2(tmp_path, capsys):
     assert not out.exists()
 
 
-@pytest.mark.parametrize(("teacher_dir", "message"), [("empty_dir", "no teacher checkpoint"), ("", "directory is empty")])
-def test_cli_require_teacher_with_empty_teacher_dir_exits_2(teacher_dir, message, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize(("teacher_store", "message"), [("empty_dir", "has no stored task 0"), ("", "store location is empty")])
+def test_cli_require_teacher_with_empty_teacher_store_exits_2(teacher_store, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    if teacher_dir:
-        (tmp_path / teacher_dir).mkdir()
+    if teacher_store:
+        (tmp_path / teacher_store).mkdir()
     out = tmp_path / "r.json"
     forbid_teacher_training(monkeypatch)
-    code = cli.main([*SMALL, *TEACHER, "--teacher-dir", teacher_dir, "--require-teacher", "--out", str(out)])
+    code = cli.main([*SMALL, *TEACHER, "--teacher-store", teacher_store, "--require-teacher", "--out", str(out)])
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and message in err
     assert not out.exists()
 
 
-def test_cli_require_teacher_without_teacher_dir_exits_2(tmp_path, capsys):
+def test_cli_require_teacher_without_teacher_store_exits_2(tmp_path, capsys):
     assert cli.main([*SMALL, *TEACHER, "--require-teacher", "--out", str(tmp_path / "r.json")]) == 2
     assert capsys.readouterr().err.startswith("error:")
 
