@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cdl_core import metrics
 from cdl_core.backbones import FrozenViT, create_backbone, weights_source_id
-from cdl_core.config import BackboneConfig, ConfigError, RunConfig
+from cdl_core.config import ConfigError, RunConfig
 from cdl_core.data import ClassIncrementalStream, TaskSplit, build_stream
 from cdl_core.distill import KDContext, TaskClasses, build_kd_method
 from cdl_core.distill.losses import current_task_cross_entropy

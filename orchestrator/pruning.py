@@ -75,13 +75,25 @@ class PerCellOptunaSearch(Searcher):
         if not open_cells:
             return Searcher.FINISHED
         cell = min(open_cells, key=lambda c: asked[c.key])  # breadth first: every cell gets a trial early
-        trial = self.studies.study(cell).ask()
+        study = self.studies.study(cell)
+        trial = self._orphan(study, cell) or study.ask()
         overrides = self.space.tune(trial, cell) if self.space.tune else {}
         trial.set_user_attr("tune_trial_id", trial_id)
         self.assigned[trial_id] = (cell.key, trial.number)
         self._live[trial_id] = trial
         return {"run": self.space.run_config(cell, overrides), "cell": cell.key, "tuned": dict(trial.params),
                 "optuna_trial": trial.number, "optuna_study": self.studies.name(cell)}
+
+    def _orphan(self, study: optuna.Study, cell: Cell) -> optuna.Trial | None:
+        """An Optuna trial asked for a Tune trial that a killed driver never recorded (Tune's last snapshot predates
+        it): it is given to the next Tune trial of its cell, which replays its values, instead of leaving it
+        RUNNING forever next to a new one."""
+        numbers = {number for key, number in self.assigned.values() if key == cell.key}
+        for frozen in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            if frozen.number not in numbers:
+                log.info("replaying Optuna trial %d of %s, started before the driver restarted", frozen.number, cell.key)
+                return optuna.trial.Trial(study, frozen._trial_id)
+        return None
 
     def _trial(self, trial_id: str) -> optuna.Trial:
         if trial_id not in self._live:  # after a driver restart: rebuild the handle from the storage
@@ -94,6 +106,8 @@ class PerCellOptunaSearch(Searcher):
         """Report the trial's pruning signal (`space.prune_on`) after `task`; True if its cell's pruner stops it."""
         if trial_id not in self.assigned:
             return False
+        if trial_id in self.pruned:  # pruned before a driver restart, then restored from its last checkpoint
+            return True
         trial = self._trial(trial_id)
         trial.report(value, step=task)
         if task < n_tasks and trial.should_prune():

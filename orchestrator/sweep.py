@@ -187,6 +187,9 @@ def teacher_store_location(args: argparse.Namespace) -> str:
 
 def run_sweep(space: SweepSpace, plan: Plan, args: argparse.Namespace) -> int:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # use the reporter below (the new output ignores it)
+    # With one checkpoint kept per trial, Tune snapshots the experiment state at every trial checkpoint, so a
+    # killed driver resumes from each trial's latest task. That is wanted here; Tune's warning about it is noise.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     import ray
     from optuna.trial import TrialState
     from ray import tune

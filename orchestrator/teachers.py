@@ -74,12 +74,14 @@ class TeacherSharing:
     poll_seconds: float = 0.5
 
     @contextlib.contextmanager
-    def lock(self, name: str) -> Iterator[None]:
-        """Hold the lease `name` (wait while another trial holds it), renewing it in the background."""
+    def lock(self, name: str, holder: str | None = None) -> Iterator[None]:
+        """Hold the lease `name` (wait while another holder has it), renewing it in the background. A trial
+        passes its Tune trial id as `holder`, so when Tune restarts it after its worker died, it takes back
+        its own lease at once instead of waiting for it to expire."""
         import ray
 
         actor = ray.get_actor(self.lease_actor)
-        holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        holder = holder or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         waited = 0.0
         while not ray.get(actor.acquire.remote(name, holder, self.lease_ttl)):
             if waited == 0.0:

@@ -20,7 +20,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.entities import Metric, Param  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME  # noqa: E402
 from ray.tune import Callback  # noqa: E402
@@ -91,11 +91,12 @@ class MlflowTracking(Callback):
         self._logged_steps: dict[str, set[int]] = {}
         self._ended: set[str] = set()  # Tune trial ids that completed or failed while this driver ran
         self._teacher_runs: dict[str, str] = {}  # teacher key -> MLflow run id
+        self._nodes: dict[str, str] = {}  # MLflow run id -> Ray node id of its latest result
         self.parent_run_id: str | None = None
         self.experiment_id: str | None = None
 
     def __getstate__(self) -> dict[str, Any]:  # Tune pickles callbacks with the experiment state
-        return self.__dict__ | {"_client": None, "_runs": {}, "_logged_steps": {}, "_ended": set(), "_teacher_runs": {}}
+        return self.__dict__ | {"_client": None, "_runs": {}, "_logged_steps": {}, "_ended": set(), "_teacher_runs": {}, "_nodes": {}}
 
     @property
     def client(self) -> MlflowClient:
@@ -120,15 +121,20 @@ class MlflowTracking(Callback):
     def run_id(self, trial) -> str:
         if trial.trial_id in self._runs:
             return self._runs[trial.trial_id]
+        # One run per Optuna trial: found again after a resume, also when a killed driver's trial is replayed
+        # under a new Tune trial id (see PerCellOptunaSearch._orphan).
         found = self.client.search_runs(
             [self.experiment_id],
-            f"tags.sweep = '{self.sweep}' and tags.tune_trial_id = '{trial.trial_id}'", max_results=1,
+            f"tags.sweep = '{self.sweep}' and tags.optuna_study = '{trial.config['optuna_study']}' "
+            f"and tags.optuna_trial = '{trial.config['optuna_trial']}'", max_results=1,
         )
         if found:  # resumed sweep or restarted trial: keep logging into the same run
             run_id = found[0].info.run_id
             history = self.client.get_metric_history(run_id, "val_avg_acc")
             self._logged_steps[run_id] = {m.step for m in history}
             self.client.update_run(run_id, status="RUNNING")
+            if found[0].data.tags.get("tune_trial_id") != trial.trial_id:
+                self.client.set_tag(run_id, "tune_trial_id", trial.trial_id)
         else:
             config = trial.config
             run_cfg = config["run"]
@@ -195,6 +201,9 @@ class MlflowTracking(Callback):
         if key is not None and step == 1:
             self.client.set_tag(run_id, "teacher_key", key)
             self.client.set_tag(run_id, "teacher_run_id", self._teacher_runs[key])
+        if "node_id" in result and self._nodes.get(run_id) != result["node_id"]:  # where it ran (changes on a retry)
+            self.client.set_tag(run_id, "node_id", result["node_id"])
+            self._nodes[run_id] = result["node_id"]
         metrics = [
             Metric(k, float(v), int(result.get("timestamp", 0)) * 1000, step)
             for k, v in _numeric(result).items() if key is None or not k.startswith("teacher_")  # a stored teacher's are in its own run

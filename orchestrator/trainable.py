@@ -7,11 +7,13 @@ trial checkpoints then hold only the student.
 """
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 from ray import tune
 
@@ -51,7 +53,12 @@ def task_metrics(run: ContinualRun, report: TaskReport) -> dict[str, Any]:
 def train_cdl(config: dict[str, Any], teachers: TeacherSharing | None = None) -> None:
     cfg = RunConfig.from_dict(config["run"])
     shared = teachers is not None and cfg.teacher is not None and cfg.distill.schedule == "sequential"
-    run = ContinualRun(cfg, teacher_store=teachers.store, teacher_lock=teachers.lock) if shared else ContinualRun(cfg)
+    if shared:
+        lock = functools.partial(teachers.lock, holder=tune.get_context().get_trial_id())
+        run = ContinualRun(cfg, teacher_store=teachers.store, teacher_lock=lock)
+    else:
+        run = ContinualRun(cfg)
+    node_id = ray.get_runtime_context().get_node_id()  # which node ran each task (tagged in MLflow)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:  # Tune restarted this trial: continue after its last finished task
         with checkpoint.as_directory() as directory:
@@ -60,4 +67,4 @@ def train_cdl(config: dict[str, Any], teachers: TeacherSharing | None = None) ->
         report = run.run_task()
         with tempfile.TemporaryDirectory() as directory:
             torch.save(run.state_dict(), Path(directory) / STATE_FILE)
-            tune.report(task_metrics(run, report), checkpoint=tune.Checkpoint.from_directory(directory))
+            tune.report(task_metrics(run, report) | {"node_id": node_id}, checkpoint=tune.Checkpoint.from_directory(directory))

@@ -432,6 +432,46 @@ def test_a_trial_is_never_pruned_at_its_last_task(tmp_path):
     assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == 10.0
 
 
+def test_an_optuna_trial_that_a_killed_driver_never_recorded_is_replayed_not_duplicated(tmp_path):
+    space, searcher = tuned_space(tmp_path)
+    searcher.suggest("t0")
+    searcher.save(str(tmp_path / "snapshot"))  # Tune's last experiment snapshot
+    lost = searcher.suggest("t1")  # asked after it; the driver is killed before the next snapshot
+    cell = searcher.cells[lost["cell"]]
+    n_trials = len(searcher.studies.study(cell).trials)
+
+    _, restored = tuned_space(tmp_path)  # `--resume`: a new driver, the same Optuna storage
+    restored.restore(str(tmp_path / "snapshot"))
+    replay = restored.suggest("t9")
+    assert (replay["cell"], replay["optuna_trial"], replay["tuned"]) == (lost["cell"], lost["optuna_trial"], lost["tuned"])
+    assert replay["run"] == lost["run"]
+    study = restored.studies.study(cell)
+    assert len(study.trials) == n_trials  # no second Optuna trial for the same slot
+    assert study.trials[replay["optuna_trial"]].user_attrs["tune_trial_id"] == "t9"
+    # the next trial of that cell is a new one
+    following = restored.suggest("t10")
+    assert following["optuna_trial"] != replay["optuna_trial"] or following["cell"] != replay["cell"]
+
+
+def test_a_pruned_trial_restored_after_a_driver_restart_is_stopped_again_without_reporting(tmp_path):
+    space, searcher = tuned_space(tmp_path, trials_per_cell=3)
+    scheduler = OptunaPruningScheduler(searcher)
+    configs = {f"t{i}": searcher.suggest(f"t{i}") for i in range(8)}
+    cell = configs["t0"]["cell"]
+    good1, good2, bad = [t for t, c in configs.items() if c["cell"] == cell]
+    for tid in (good1, good2):
+        for task in (1, 2, 3):
+            report(scheduler, tid, task, 3, 90.0)
+        searcher.on_trial_complete(tid, {"val_avg_acc": 90.0, "task": 3, "n_tasks": 3})
+    assert report(scheduler, bad, 1, 3, 10.0) == TrialScheduler.STOP
+    searcher.on_trial_complete(bad, {"val_avg_acc": 10.0, "task": 1, "n_tasks": 3})
+    # Tune restarts it from its task-1 checkpoint (its stop was not in the last snapshot): it stops again, and
+    # its finished Optuna trial is not reported to (which Optuna would refuse)
+    assert report(scheduler, bad, 2, 3, 95.0) == TrialScheduler.STOP
+    trial = searcher.studies.study(searcher.cells[cell]).trials[configs[bad]["optuna_trial"]]
+    assert trial.state == optuna.trial.TrialState.PRUNED and trial.intermediate_values == {1: 10.0}
+
+
 def test_errors_and_results_without_the_metric_are_told_as_failed(tmp_path):
     space, searcher = tuned_space(tmp_path)
     configs = {f"t{i}": searcher.suggest(f"t{i}") for i in range(3)}

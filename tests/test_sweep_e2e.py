@@ -7,10 +7,8 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 import urllib.request
@@ -21,13 +19,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from orchestrator.sweep import main
+from sweep_checks import (
+    COMPLETE, KD_ALPHA, PRUNED, ROOT, TINY, check_optuna_matches_mlflow, check_tracked_sweep, free_port, mlflow_runs,
+    optuna_trials, reported_tasks, steps, teacher_runs, tune_rows, write_space,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("forbid_demo_pretraining")]
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = {"student.weights": "random", "teacher.weights": "random", "data.n_tasks": 5, "data.train_per_class": 10,
-        "data.test_per_class": 5, "data.train_augment": False, "train.batch_size": 8, "train.device": "cpu"}
-COMPLETE, PRUNED = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED
 
 
 @pytest.fixture(scope="module")
@@ -47,91 +44,6 @@ def ray_cluster():
 def workdir(tmp_path, monkeypatch, ray_cluster) -> Path:
     monkeypatch.chdir(tmp_path)
     return tmp_path
-
-
-def write_space(directory: Path, name: str, tune: str, **fields) -> str:
-    """A space file: `tune` is the body of tune(trial, cell); fields are SweepSpace arguments (as values)."""
-    args = dict(name=name, description="e2e test", pairs=[("demo-t", "demo-s"), (None, "demo-s")], methods=["coda"],
-                kd_methods=["kd"], datasets=["synthetic"], trials_per_cell=2, base=TINY, cpus_per_trial=1,
-                pruner="median", pruner_args={"n_startup_trials": 1, "n_warmup_steps": 1}) | fields
-    path = directory / f"{name}.py"
-    path.write_text("from orchestrator.space import SweepSpace\n\n\ndef tune(trial, cell):\n"
-                    + textwrap.indent(textwrap.dedent(tune).strip(), "    ")
-                    + f"\n\n\nSPACE = SweepSpace(tune=tune, {', '.join(f'{k}={v!r}' for k, v in args.items())})\n")
-    return str(path)
-
-
-KD_ALPHA = """
-if cell.kd == "none":
-    return {}
-return {"distill.alpha": trial.suggest_float("alpha", 0.1, 0.9)}
-"""
-
-
-def mlflow_runs(uri: str, experiment: str) -> tuple[MlflowClient, object, list]:
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    assert exp is not None, f"no MLflow experiment {experiment!r}"
-    runs = client.search_runs([exp.experiment_id], max_results=1000)
-    parents = [r for r in runs if r.data.tags.get("role") == "sweep"]
-    assert len(parents) == 1
-    assert {r.data.tags.get("role") for r in runs} <= {"sweep", "trial", "teacher"}
-    return client, parents[0], [r for r in runs if r.data.tags.get("role") == "trial"]
-
-
-def teacher_runs(client: MlflowClient, experiment: str) -> list:
-    exp = client.get_experiment_by_name(experiment)
-    return client.search_runs([exp.experiment_id], "tags.role = 'teacher'", max_results=1000)
-
-
-def steps(client: MlflowClient, run_id: str, metric: str = "val_avg_acc") -> list[int]:
-    return sorted(m.step for m in client.get_metric_history(run_id, metric))
-
-
-def optuna_trials(storage: str, sweep: str) -> dict[str, list]:
-    studies = {s.study_name: optuna.load_study(study_name=s.study_name, storage=storage).trials
-               for s in optuna.get_all_study_summaries(storage)}
-    assert all(name.startswith(f"{sweep}/") for name in studies)
-    return {name.removeprefix(f"{sweep}/"): trials for name, trials in studies.items()}
-
-
-def check_tracked_sweep(uri: str, experiment: str, sweep: str, n_tasks: int, expected_trials: int) -> list:
-    """Everything MLflow holds about a finished sweep; returns the child runs."""
-    client, parent, children = mlflow_runs(uri, experiment)
-    assert parent.info.status == "FINISHED" and parent.data.tags["sweep"] == sweep
-    assert len(children) == expected_trials
-    assert len({c.data.tags["tune_trial_id"] for c in children}) == expected_trials
-    for run in children:
-        tags, params = run.data.tags, run.data.params
-        assert run.info.status == "FINISHED", run.data.tags
-        assert tags["mlflow.parentRunId"] == parent.info.run_id and tags["role"] == "trial"
-        assert {"teacher", "student", "method", "kd", "dataset", "cell", "status"} <= set(tags)
-        assert tags["status"] in ("completed", "pruned")
-        config = json.loads(Path(client.download_artifacts(run.info.run_id, "config.json")).read_text())
-        assert params["data.n_tasks"] == str(n_tasks) == str(config["data"]["n_tasks"])
-        assert params["student.preset"] == tags["student"] == config["student"]["preset"]
-        assert params["distill.method"] == tags["kd"] and params["prompt.method"] == tags["method"]
-        assert tags["teacher"] == (config["teacher"] or {}).get("preset", "none")
-        assert tags["cell"] == f"{tags['teacher']}-{tags['student']}.{tags['method']}.{tags['kd']}.{tags['dataset']}.s0"
-        last = n_tasks if tags["status"] == "completed" else int(tags["pruned_after_task"])
-        assert last <= n_tasks and (last < n_tasks) == (tags["status"] == "pruned")
-        assert steps(client, run.info.run_id) == list(range(1, last + 1))  # every task once
-        assert steps(client, run.info.run_id, "test_avg_acc") == list(range(1, last + 1))
-        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"config.json", "accuracy_matrix.csv", "accuracy_matrix.png", "accuracy_curve.png"} <= artifacts
-    return children
-
-
-def check_optuna_matches_mlflow(storage: str, sweep: str, client: MlflowClient, children: list) -> None:
-    studies = optuna_trials(storage, sweep)
-    assert set(studies) == {c.data.tags["cell"] for c in children}
-    for run in children:
-        tags = run.data.tags
-        assert tags["optuna_study"] == f"{sweep}/{tags['cell']}"
-        trial = studies[tags["cell"]][int(tags["optuna_trial"])]
-        assert trial.state == {"completed": COMPLETE, "pruned": PRUNED}[tags["status"]]
-        assert sorted(trial.intermediate_values) == steps(client, run.info.run_id)  # pruner saw every task
-    assert sum(len(trials) for trials in studies.values()) == len(children)
 
 
 # -- 1. a tiny sweep, fully tracked ------------------------------------------------------------------------------
@@ -204,21 +116,6 @@ RESUMABLE = """
 lr = trial.suggest_float("lr", 1e-3, 1e-2, log=True)
 return {"train.lr": lr, "train.epochs": 8 if trial.number == 1 else 1}  # a slow second trial: the interrupt lands in it
 """
-
-
-def reported_tasks(experiment: Path) -> dict[str, list[int]]:
-    """Tune trial id -> the tasks its result.json holds, in order."""
-    out = {}
-    for result in experiment.glob("*/result.json"):
-        rows = []
-        for line in result.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line Tune is still writing
-                break
-        if rows:
-            out[rows[0]["trial_id"]] = [row["task"] for row in rows]
-    return out
 
 
 def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(workdir):
@@ -294,12 +191,6 @@ def test_a_space_asking_for_a_gpu_on_a_cpu_cluster_fails_fast_naming_the_gpu(wor
 
 
 # -- 5. an MLflow tracking server --------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
     port = free_port()
@@ -343,15 +234,6 @@ def test_a_sweep_tracks_into_an_mlflow_tracking_server(workdir, mlflow_server):
 
 
 # -- 6. trials that need the same teacher ------------------------------------------------------------------------
-def tune_rows(experiment: Path) -> dict[str, list[dict]]:
-    """Tune trial id -> the results it reported, in order (complete lines of its result.json)."""
-    out = {}
-    for result in experiment.glob("*/result.json"):
-        rows = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
-        out[rows[0]["trial_id"]] = rows
-    return out
-
-
 def test_concurrent_trials_needing_one_teacher_train_it_once_and_students_match_a_fresh_teacher(workdir):
     from cdl_core.config import RunConfig
     from cdl_core.learner import ContinualRun, teacher_key
