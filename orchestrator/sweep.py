@@ -148,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-trial", type=float, help="override the space's CPUs per trial")
     p.add_argument("--gpus-per-trial", type=float, help="override the space's GPUs per trial (fractions share a GPU)")
     p.add_argument("--max-failures", type=int, default=2, help="retries of a failed trial, from its last task checkpoint (default 2)")
+    p.add_argument("--mlflow-wait", type=float, default=300, metavar="SECONDS",
+                   help="at the end, how long to wait for an unreachable MLflow server to take the writes that waited (default 300)")
     return p
 
 
@@ -190,6 +192,10 @@ def run_sweep(space: SweepSpace, plan: Plan, args: argparse.Namespace) -> int:
     # With one checkpoint kept per trial, Tune snapshots the experiment state at every trial checkpoint, so a
     # killed driver resumes from each trial's latest task. That is wanted here; Tune's warning about it is noise.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # A write to a tracking server that is down fails within seconds and waits in the tracking outbox (which
+    # retries it), instead of MLflow's own retries holding it for minutes.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     import ray
     from optuna.trial import TrialState
     from ray import tune
@@ -197,7 +203,7 @@ def run_sweep(space: SweepSpace, plan: Plan, args: argparse.Namespace) -> int:
     from orchestrator.pruning import CellStudies, OptunaPruningScheduler, PerCellOptunaSearch
     from orchestrator.progress import SweepProgress
     from orchestrator.teachers import TeacherSharing, start_lease_actor
-    from orchestrator.tracking import MlflowTracking
+    from orchestrator.tracking import LIVE, MlflowTracking
     from orchestrator.trainable import train_cdl
 
     sweep = args.name or space.name
@@ -211,6 +217,7 @@ def run_sweep(space: SweepSpace, plan: Plan, args: argparse.Namespace) -> int:
     ray.init(address=args.address, include_dashboard=False, log_to_driver=True)
     try:
         check_resources(space, ray.cluster_resources())
+        check_tracking(tracking_uri)
         prepare_backbones(space)
         sharing = None
         if teacher_store is not None:
@@ -238,7 +245,7 @@ def run_sweep(space: SweepSpace, plan: Plan, args: argparse.Namespace) -> int:
                 ),
                 run_config=tune.RunConfig(
                     name=sweep, storage_path=storage,
-                    callbacks=[MlflowTracking(tracking_uri, experiment, sweep, sweep_params)],
+                    callbacks=[MlflowTracking(tracking_uri, experiment, sweep, sweep_params, flush_timeout=args.mlflow_wait)],
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                     failure_config=tune.FailureConfig(max_failures=args.max_failures),
                     progress_reporter=SweepProgress(space.metric), verbose=1,
@@ -264,7 +271,25 @@ def run_sweep(space: SweepSpace, plan: Plan, args: argparse.Namespace) -> int:
         print(f"\nsweep interrupted: {unfinished} of {plan.total_trials} trials not finished; rerun the same command with --resume to continue")
     print(f"\nMLflow UI: mlflow ui --backend-store-uri {tracking_uri}   (experiment {experiment!r})")
     print(f"Optuna dashboard: optuna-dashboard {optuna_url}")
+    tracking = LIVE.pop(sweep, None)
+    if tracking is not None and tracking.unwritten:
+        raise SweepError(
+            f"MLflow at {tracking_uri} stayed unreachable: {tracking.unwritten} tracking writes were not done after waiting "
+            f"{args.mlflow_wait:g} s; every trial's results are in Tune's storage at {experiment_path} (result.json per trial)"
+        )
     return 0
+
+
+def check_tracking(tracking_uri: str) -> None:
+    """Stop before any trial runs when the tracking store cannot be reached at all."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(tracking_uri).search_experiments(max_results=1)
+    except Exception as err:  # noqa: BLE001 - whatever the cause, the message below is what a user can act on
+        raise SweepError(
+            f"cannot reach MLflow at {tracking_uri} ({type(err).__name__}); start the tracking server or pass another --tracking-uri"
+        ) from None
 
 
 if __name__ == "__main__":

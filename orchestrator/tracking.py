@@ -7,13 +7,25 @@ many trials, gets one teacher run (role=teacher, tagged with its teacher_key) ho
 trial using it carries the teacher_key and teacher_run_id tags. Only the driver writes, so concurrent trials
 never contend for the default sqlite store; on resume, runs are found again by tag and steps already logged
 are not logged twice.
+
+Writes go through an outbox drained in order by one thread: Tune's loop never waits on MLflow, and while the
+tracking server is unreachable the writes wait and are retried (each one is idempotent: find-or-create runs,
+steps logged once), so trials keep training and nothing is lost or duplicated when it is back. If it is still
+down when the sweep ends, `unwritten` says how many writes are missing (the sweep reports it as an error;
+every result is in Tune's storage either way).
 """
 from __future__ import annotations
 
+import collections
+import copy
 import json
+import logging
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import matplotlib
@@ -21,6 +33,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from mlflow.entities import Metric, Param  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME  # noqa: E402
 from ray.tune import Callback  # noqa: E402
@@ -71,6 +84,92 @@ def save_matrix_artifacts(matrix: list[list[float]], directory: Path, title: str
     return [csv, heatmap, curve]
 
 
+log = logging.getLogger(__name__)
+
+# The tracking callback of each sweep running in this process, by sweep name. Tune unpickles its own copy of
+# the callback when a sweep is resumed, so the driver finds the live one here to ask what stayed unwritten.
+LIVE: dict[str, "MlflowTracking"] = {}
+
+
+def unreachable(err: Exception) -> bool:
+    """A write that failed because the tracking server is down or overloaded (worth retrying), not a bad request."""
+    if isinstance(err, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(err, MlflowException):
+        status = err.get_http_status_code()
+        return status >= 500 or ("API request to" in str(err) and "failed with exception" in str(err))
+    return type(err).__module__.startswith(("requests", "urllib3"))
+
+
+class Outbox:
+    """Writes done in order by one background thread; a write that fails because the server is unreachable is
+    retried (backing off up to `max_wait` seconds) until it succeeds, so later writes never overtake it."""
+
+    def __init__(self, max_wait: float = 10.0) -> None:
+        self.max_wait = max_wait
+        self.jobs: collections.deque[Callable[[], None]] = collections.deque()
+        self.changed = threading.Condition()
+        self.busy = False
+        self.down_since: float | None = None  # when the server stopped answering (None: it answers)
+        self.thread = threading.Thread(target=self._drain_forever, name="mlflow-outbox", daemon=True)
+        self.thread.start()
+
+    def put(self, job: Callable[[], None]) -> None:
+        with self.changed:
+            self.jobs.append(job)
+            self.changed.notify_all()
+
+    def pending(self) -> int:
+        with self.changed:
+            return len(self.jobs) + self.busy
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every write is done; False if some are still waiting after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while self.jobs or self.busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.changed.wait(min(left, 1.0))
+        return True
+
+    def _drain_forever(self) -> None:
+        while True:
+            with self.changed:
+                while not self.jobs:
+                    self.changed.wait()
+                job, self.busy = self.jobs[0], True
+            wait = 1.0
+            while True:
+                try:
+                    job()
+                    break
+                except Exception as err:  # noqa: BLE001 - one bad write must not stop tracking
+                    if not unreachable(err):
+                        log.error("MLflow rejected a write, skipping it: %s", err)
+                        break
+                    if self.down_since is None:
+                        self.down_since = time.time()
+                        log.warning("MLflow is unreachable (%s); trials keep training, writes wait and are retried", type(err).__name__)
+                    time.sleep(wait)
+                    wait = min(2 * wait, self.max_wait)
+            if self.down_since is not None:
+                log.warning("MLflow is reachable again after %.0f s; writing what waited", time.time() - self.down_since)
+                self.down_since = None
+            with self.changed:
+                self.jobs.popleft()
+                self.busy = False
+                self.changed.notify_all()
+
+
+def _snapshot(trial) -> SimpleNamespace:
+    """What the writes need of a Tune trial, copied now: the trial object keeps changing while writes wait."""
+    return SimpleNamespace(
+        trial_id=trial.trial_id, config=trial.config, status=trial.status, last_result=copy.deepcopy(trial.last_result),
+    )
+
+
 def _numeric(result: dict) -> dict[str, float]:
     """The metrics of a Tune result, without Tune's own bookkeeping."""
     return {
@@ -81,8 +180,13 @@ def _numeric(result: dict) -> dict[str, float]:
 
 
 class MlflowTracking(Callback):
-    def __init__(self, tracking_uri: str, experiment: str, sweep: str, sweep_params: dict[str, Any]) -> None:
+    def __init__(
+        self, tracking_uri: str, experiment: str, sweep: str, sweep_params: dict[str, Any], flush_timeout: float = 120.0,
+    ) -> None:
         self.tracking_uri = tracking_uri
+        self.flush_timeout = flush_timeout
+        self._outbox: Outbox | None = None
+        self.unwritten = 0  # writes still missing when the sweep ended (server down)
         self.experiment = experiment
         self.sweep = sweep
         self.sweep_params = sweep_params
@@ -92,11 +196,19 @@ class MlflowTracking(Callback):
         self._ended: set[str] = set()  # Tune trial ids that completed or failed while this driver ran
         self._teacher_runs: dict[str, str] = {}  # teacher key -> MLflow run id
         self._nodes: dict[str, str] = {}  # MLflow run id -> Ray node id of its latest result
+        self._finished: set[str] = set()  # MLflow runs found already FINISHED (after a driver restart)
         self.parent_run_id: str | None = None
         self.experiment_id: str | None = None
 
     def __getstate__(self) -> dict[str, Any]:  # Tune pickles callbacks with the experiment state
-        return self.__dict__ | {"_client": None, "_runs": {}, "_logged_steps": {}, "_ended": set(), "_teacher_runs": {}, "_nodes": {}}
+        return self.__dict__ | {"_client": None, "_outbox": None, "_runs": {}, "_logged_steps": {}, "_ended": set(),
+                                "_teacher_runs": {}, "_nodes": {}, "_finished": set()}
+
+    @property
+    def outbox(self) -> Outbox:
+        if self._outbox is None:
+            self._outbox = Outbox()
+        return self._outbox
 
     @property
     def client(self) -> MlflowClient:
@@ -105,6 +217,7 @@ class MlflowTracking(Callback):
         return self._client
 
     def setup(self, **info: Any) -> None:
+        LIVE[self.sweep] = self
         experiment = self.client.get_experiment_by_name(self.experiment)
         self.experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(self.experiment)
         found = self.client.search_runs(
@@ -132,7 +245,12 @@ class MlflowTracking(Callback):
             run_id = found[0].info.run_id
             history = self.client.get_metric_history(run_id, "val_avg_acc")
             self._logged_steps[run_id] = {m.step for m in history}
-            self.client.update_run(run_id, status="RUNNING")
+            if found[0].info.status == "FINISHED":
+                # Finished before a killed driver's last snapshot recorded it: Tune restarts it from its final
+                # checkpoint and it ends at once. Its run stays as it is.
+                self._finished.add(run_id)
+            else:
+                self.client.update_run(run_id, status="RUNNING")
             if found[0].data.tags.get("tune_trial_id") != trial.trial_id:
                 self.client.set_tag(run_id, "tune_trial_id", trial.trial_id)
         else:
@@ -187,10 +305,33 @@ class MlflowTracking(Callback):
         self._teacher_runs[key] = run_id
         return run_id
 
+    # Tune's hooks only queue the writes (see Outbox); the methods after them do the writing.
     def on_trial_start(self, iteration: int, trials: list, trial, **info: Any) -> None:
-        self.run_id(trial)
+        snapshot = _snapshot(trial)
+        self.outbox.put(lambda: self.run_id(snapshot))
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info: Any) -> None:
+        snapshot, result = _snapshot(trial), copy.deepcopy(result)
+        self.outbox.put(lambda: self._write_result(snapshot, result))
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        snapshot = _snapshot(trial)
+        self._ended.add(trial.trial_id)
+        self.outbox.put(lambda: self._write_complete(snapshot))
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        snapshot = _snapshot(trial)
+        self._ended.add(trial.trial_id)
+        self.outbox.put(lambda: self._write_error(snapshot))
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        snapshots = [_snapshot(trial) for trial in trials]
+        self.outbox.put(lambda: self._write_experiment_end(snapshots))
+        if not self.outbox.flush(self.flush_timeout):
+            self.unwritten = self.outbox.pending()
+            log.error("MLflow stayed unreachable: %d writes not done", self.unwritten)
+
+    def _write_result(self, trial, result: dict) -> None:
         run_id = self.run_id(trial)
         step = int(result["task"])
         key = result.get("teacher_key")
@@ -204,6 +345,9 @@ class MlflowTracking(Callback):
         if "node_id" in result and self._nodes.get(run_id) != result["node_id"]:  # where it ran (changes on a retry)
             self.client.set_tag(run_id, "node_id", result["node_id"])
             self._nodes[run_id] = result["node_id"]
+        if run_id in self._finished:  # a new task after all: the run continues
+            self._finished.discard(run_id)
+            self.client.update_run(run_id, status="RUNNING")
         metrics = [
             Metric(k, float(v), int(result.get("timestamp", 0)) * 1000, step)
             for k, v in _numeric(result).items() if key is None or not k.startswith("teacher_")  # a stored teacher's are in its own run
@@ -227,8 +371,10 @@ class MlflowTracking(Callback):
             self.client.set_tag(run_id, "status", "completed")
             self.client.set_terminated(run_id, "FINISHED")
 
-    def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
+    def _write_complete(self, trial) -> None:
         run_id = self.run_id(trial)
+        if run_id in self._finished:  # completed and tracked before the driver restarted
+            return
         last = trial.last_result or {}
         status = trial_status(last)
         with tempfile.TemporaryDirectory() as tmp:
@@ -242,15 +388,13 @@ class MlflowTracking(Callback):
         if status == "pruned":
             self.client.set_tag(run_id, "pruned_after_task", str(last["task"]))
         self.client.set_terminated(run_id, "FINISHED")
-        self._ended.add(trial.trial_id)
 
-    def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
+    def _write_error(self, trial) -> None:
         run_id = self.run_id(trial)
         self.client.set_tag(run_id, "status", "failed")
         self.client.set_terminated(run_id, "FAILED")
-        self._ended.add(trial.trial_id)
 
-    def on_experiment_end(self, trials: list, **info: Any) -> None:
+    def _write_experiment_end(self, trials: list) -> None:
         counts = dict.fromkeys(("completed", "pruned", "failed", "interrupted"), 0)  # zeros too: a resume overwrites
         for trial in trials:
             # An interrupt (Ctrl-C) leaves trials pending, and Tune marks the running ones TERMINATED like finished

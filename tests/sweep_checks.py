@@ -3,8 +3,14 @@ MLflow, Optuna and Tune's result files."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import textwrap
+import time
+import urllib.request
 from pathlib import Path
 
 import optuna
@@ -131,3 +137,43 @@ def tune_rows(experiment: Path) -> dict[str, list[dict]]:
     return out
 
 
+
+
+class MlflowServer:
+    """A real `mlflow server` on loopback over a sqlite store in `directory`; stop() and start() again keep its
+    port and its data (an outage and a recovery)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 90) -> None:
+        log = (self.directory / "server.log").open("a")
+        self.process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.directory / 'srv.db'}", "--default-artifact-root",
+             str(self.directory / "art"), "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.process.poll() is None, (self.directory / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the MLflow server did not answer /health"
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)  # the server's workers share its process group
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()

@@ -76,6 +76,14 @@ def test_the_head_runs_mlflow_on_localhost_over_postgresql_and_has_the_optuna_da
     assert "ray start --address=$RAY_HEAD_IP:6379" in commands(config, "worker_start_ray_commands")
 
 
+def test_every_node_starts_ray_with_token_authentication_and_the_launchers_token(config, readme):
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = next(line for line in config[key] if "ray start" in line)
+        assert start.startswith("export RAY_AUTH_MODE=token;"), key
+    assert config["file_mounts"]["/home/ubuntu/.ray/auth_token"] == "~/.ray/auth_token"
+    assert "ray get-auth-token --generate" in readme
+
+
 def test_the_file_holds_placeholders_not_credentials(config):
     text = (ROOT / "ray_cluster.yaml").read_text()
     assert not re.search(r"AKIA[0-9A-Z]{16}", text)  # AWS access key ids

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import optuna
@@ -21,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from orchestrator.sweep import main
 from sweep_checks import (
     COMPLETE, KD_ALPHA, PRUNED, ROOT, TINY, check_optuna_matches_mlflow, check_tracked_sweep, free_port, mlflow_runs,
-    optuna_trials, reported_tasks, steps, teacher_runs, tune_rows, write_space,
+    MlflowServer, optuna_trials, reported_tasks, steps, teacher_runs, tune_rows, write_space,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("forbid_demo_pretraining")]
@@ -193,35 +192,12 @@ def test_a_space_asking_for_a_gpu_on_a_cpu_cluster_fails_fast_naming_the_gpu(wor
 # -- 5. an MLflow tracking server --------------------------------------------------------------------------------
 @pytest.fixture
 def mlflow_server(tmp_path):
-    port = free_port()
-    log = (tmp_path / "server.log").open("w")
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'srv.db'}", "--default-artifact-root", str(tmp_path / "art"),
-         "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
+    server = MlflowServer(tmp_path)
+    server.start()
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the MLflow server did not answer /health"
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
-        yield url
+        yield server.url
     finally:
-        os.killpg(server.pid, signal.SIGTERM)  # the server's workers share its process group
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
+        server.stop()
 
 
 def test_a_sweep_tracks_into_an_mlflow_tracking_server(workdir, mlflow_server):
@@ -315,3 +291,74 @@ def test_concurrent_trials_needing_one_teacher_train_it_once_and_students_match_
     assert main(["--space", again, "--name", "shared_again"]) == 0
     (trial,) = tune_rows(workdir / "ray_results" / "shared_again").values()
     assert [r["trained_teacher_task"] for r in trial] == [0, 0] and trial[0]["teacher_key"] == key
+
+
+# -- 7. the MLflow server goes away during a sweep ---------------------------------------------------------------
+def run_in_thread(argv: list[str]) -> tuple[threading.Thread, dict]:
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.update(code=main(argv)), daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def wait_for_task(experiment: Path, task: int, thread: threading.Thread, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(len(tasks) >= task for tasks in reported_tasks(experiment).values()):
+        assert thread.is_alive(), "the sweep ended early"
+        assert time.monotonic() < deadline, f"no trial reached task {task}"
+        time.sleep(0.2)
+
+
+OUTAGE_BASE = TINY | {"data.train_per_class": 40, "train.epochs": 2}  # a few seconds per task
+
+
+def test_trials_keep_training_while_mlflow_is_down_and_every_metric_arrives_once_when_it_is_back(workdir):
+    server = MlflowServer(workdir)
+    server.start()
+    try:
+        space = write_space(workdir, "outage", KD_ALPHA, pairs=[(None, "demo-s")], kd_methods=[], trials_per_cell=1,
+                            pruner="none", pruner_args={}, base=OUTAGE_BASE)
+        thread, outcome = run_in_thread(["--space", space, "--name", "outage", "--tracking-uri", server.url])
+        experiment = workdir / "ray_results" / "outage"
+        wait_for_task(experiment, 1, thread)
+        server.stop()
+        wait_for_task(experiment, 3, thread)  # the trial trained on while nothing could be written
+        server.start()  # same port, same database
+        thread.join(timeout=300)
+        assert outcome.get("code") == 0
+        (tasks,) = reported_tasks(experiment).values()
+        assert tasks == [1, 2, 3, 4, 5]
+        check_tracked_sweep(server.url, "outage", "outage", n_tasks=5, expected_trials=1)  # every task once, one run
+        _, parent, _ = mlflow_runs(server.url, "outage")
+        assert parent.info.status == "FINISHED" and parent.data.metrics["trials_completed"] == 1
+    finally:
+        server.stop()
+
+
+def test_a_sweep_whose_mlflow_never_comes_back_ends_with_a_clear_error_and_results_in_tune_storage(workdir, capsys):
+    server = MlflowServer(workdir)
+    server.start()
+    space = write_space(workdir, "gone", KD_ALPHA, pairs=[(None, "demo-s")], kd_methods=[], trials_per_cell=1,
+                        pruner="none", pruner_args={}, base=OUTAGE_BASE | {"data.n_tasks": 2})
+    thread, outcome = run_in_thread(["--space", space, "--name", "gone", "--tracking-uri", server.url, "--mlflow-wait", "3"])
+    experiment = workdir / "ray_results" / "gone"
+    try:
+        wait_for_task(experiment, 1, thread)
+    finally:
+        server.stop()
+    thread.join(timeout=300)
+    assert outcome.get("code") == 2
+    err = capsys.readouterr().err
+    line = next(line for line in err.splitlines() if line.startswith("error:"))
+    assert f"MLflow at {server.url} stayed unreachable" in line and str(experiment) in line and "result.json" in line
+    (tasks,) = reported_tasks(experiment).values()
+    assert tasks == [1, 2]  # training finished; its results are in Tune's storage
+
+
+def test_a_sweep_with_an_unreachable_tracking_server_stops_before_starting(workdir, capsys):
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    space = write_space(workdir, "nowhere", KD_ALPHA, pairs=[(None, "demo-s")], kd_methods=[])
+    assert main(["--space", space, "--name", "nowhere", "--tracking-uri", url]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot reach MLflow at {url}") and len(err.strip().splitlines()) == 1
+    assert not (workdir / "ray_results" / "nowhere").exists()

@@ -1,0 +1,228 @@
+"""A real multi-node Ray cluster on this machine, and the sweep surviving a killed trial worker and a killed
+driver.
+
+The fixture starts the nodes the way the cluster launcher does: `ray start --head` and `ray start --address`
+as separate processes, each with its own temp dir and one CPU, with Ray's token authentication (as `ray up`
+sets it up). Every sweep runs the real CLI in a subprocess joined to that cluster through `--address`; the
+fixture stops every process it started and checks that none is left.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from sweep_checks import (
+    COMPLETE, KD_ALPHA, ROOT, TINY, check_optuna_matches_mlflow, check_tracked_sweep, free_port, mlflow_runs,
+    optuna_trials, steps, tune_rows, write_space,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("forbid_demo_pretraining")]
+
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def alive_nodes(address: str, env: dict[str, str]) -> list[str]:
+    probe = "import json, ray; ray.init(address=%r, logging_level='ERROR'); print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))"
+    out = subprocess.run([sys.executable, "-c", probe % address], env=env, capture_output=True, text=True, timeout=120)
+    return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else []
+
+
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM the node's process group (`ray start --block` and everything it started), SIGKILL if it lingers."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    base = Path(tempfile.mkdtemp(prefix="cdl-ray-", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    token = base / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)} | {
+        "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "PYTHONPATH": str(ROOT),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    address = f"127.0.0.1:{free_port()}"
+    common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0", "--disable-usage-stats", "--block"]
+    nodes = []
+    try:
+        nodes.append(subprocess.Popen(
+            [RAY, "start", "--head", f"--port={address.split(':')[1]}", "--include-dashboard=false", f"--temp-dir={base / 'h'}", *common],
+            env=env, stdout=(base / "head.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+        ))
+        deadline = time.monotonic() + 120
+        while not alive_nodes(address, env):
+            assert nodes[0].poll() is None and time.monotonic() < deadline, (base / "head.log").read_text()[-3000:]
+            time.sleep(1)
+        nodes.append(subprocess.Popen(
+            [RAY, "start", f"--address={address}", f"--temp-dir={base / 'w'}", *common],
+            env=env, stdout=(base / "worker.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+        ))
+        while len(node_ids := alive_nodes(address, env)) < 2:
+            assert nodes[1].poll() is None and time.monotonic() < deadline, (base / "worker.log").read_text()[-3000:]
+            time.sleep(1)
+        yield SimpleNamespace(address=address, env=env, node_ids=set(node_ids))
+    finally:
+        for node in reversed(nodes):
+            stop(node)
+        time.sleep(2)
+        left = subprocess.run(["pgrep", "-f", str(base)], capture_output=True, text=True).stdout.split()
+        for pid in left:  # fail the test, but never leave processes behind
+            os.kill(int(pid), signal.SIGKILL)
+        shutil.rmtree(base, ignore_errors=True)
+        assert not left, f"processes of the test cluster were still running: {left}"
+
+
+def sweep(cluster, workdir: Path, *args: str, log: str = "sweep.log") -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.sweep", "--address", cluster.address, *args],
+        cwd=workdir, env=cluster.env, stdout=(workdir / log).open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+
+
+def finish(process: subprocess.Popen, workdir: Path, log: str = "sweep.log", timeout: float = 400) -> str:
+    try:
+        process.wait(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    text = (workdir / log).read_text()
+    assert process.returncode == 0, text[-4000:]
+    return text
+
+
+def wait_for(condition, process: subprocess.Popen, workdir: Path, what: str, timeout: float = 300, log: str = "sweep.log"):
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert process.poll() is None, f"the sweep ended before {what}: " + (workdir / log).read_text()[-3000:]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+    return value
+
+
+def rows_so_far(workdir: Path, name: str) -> dict[str, list[dict]]:
+    try:
+        return tune_rows(workdir / "ray_results" / name)
+    except (json.JSONDecodeError, IndexError):  # a line being written, or a result file not yet started
+        return {}
+
+
+# -- the smoke space on two nodes --------------------------------------------------------------------------------
+def test_the_smoke_sweep_runs_across_two_nodes_and_mlflow_and_optuna_hold_everything(cluster, tmp_path):
+    space = tmp_path / "smoke_synthetic.py"
+    space.write_text(
+        "from dataclasses import replace\n\nfrom search_spaces.smoke import SPACE as SMOKE\n\n"
+        f"SPACE = replace(SMOKE, name='smoke_synthetic', datasets=['synthetic'], trials_per_cell=2, base={TINY!r})\n"
+    )
+    start = time.monotonic()
+    finish(sweep(cluster, tmp_path, "--space", str(space), "--name", "multinode"), tmp_path)
+    minutes = (time.monotonic() - start) / 60
+    rows = tune_rows(tmp_path / "ray_results" / "multinode")
+    assert len(rows) == 6 * 2 + 3
+    used = {row["node_id"] for trial in rows.values() for row in trial}
+    assert len(used) == 2 and used <= cluster.node_ids, (used, cluster.node_ids)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    children = check_tracked_sweep(uri, "multinode", "multinode", n_tasks=5, expected_trials=15)
+    assert {c.data.tags["node_id"] for c in children} == used
+    check_optuna_matches_mlflow(f"sqlite:///{tmp_path / 'optuna.db'}", "multinode", MlflowClient(uri), children)
+    print(f"multi-node smoke sweep: {minutes:.1f} min")
+
+
+# -- a trial's worker process is killed mid-sequence ------------------------------------------------------------
+def test_a_trial_whose_worker_is_killed_is_retried_from_its_last_task_and_tracked_once(cluster, tmp_path):
+    n_tasks = 5
+    space = write_space(tmp_path, "workerkill", KD_ALPHA, pairs=[("demo-t", "demo-s")], kd_methods=["cdl_prompt"],
+                        trials_per_cell=1, pruner="none", pruner_args={},
+                        base=TINY | {"data.train_per_class": 30, "train.epochs": 2})
+    driver = sweep(cluster, tmp_path, "--space", space, "--name", "workerkill")
+
+    def reported_task_2():
+        trials = rows_so_far(tmp_path, "workerkill")
+        return next((rows for rows in trials.values() if len(rows) >= 2), None)
+
+    before = wait_for(reported_task_2, driver, tmp_path, "task 2 of the trial")
+    killed = before[-1]["pid"]
+    os.kill(killed, signal.SIGKILL)  # the Ray worker process running the trial
+    finish(driver, tmp_path)
+
+    (rows,) = tune_rows(tmp_path / "ray_results" / "workerkill").values()
+    assert [r["task"] for r in rows] == list(range(1, n_tasks + 1))  # every task reported once, none lost
+    last_before = max(r["task"] for r in rows if r["pid"] == killed)
+    after = [r for r in rows if r["pid"] != killed]
+    assert after and after[0]["task"] == last_before + 1  # continued after its last checkpointed task
+    assert after[0]["iterations_since_restore"] == 1  # ... in a restored trial, not from scratch
+    assert sum(r["trained_teacher_task"] for r in rows) == n_tasks  # each teacher task stored once
+
+    client, _, (run,) = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "workerkill")
+    assert run.info.status == "FINISHED" and run.data.tags["status"] == "completed"
+    assert steps(client, run.info.run_id) == list(range(1, n_tasks + 1))
+    assert steps(client, run.info.run_id, "test_avg_acc") == list(range(1, n_tasks + 1))
+    ((cell, trials),) = optuna_trials(f"sqlite:///{tmp_path / 'optuna.db'}", "workerkill").items()
+    assert [t.state for t in trials] == [COMPLETE]
+    assert sorted(trials[0].intermediate_values) == list(range(1, n_tasks + 1))
+
+
+# -- the driver is killed mid-sweep -----------------------------------------------------------------------------
+SLOW_SECOND = """
+lr = trial.suggest_float("lr", 1e-3, 1e-2, log=True)
+return {"train.lr": lr, "train.epochs": 6 if trial.number == 1 else 1}
+"""
+
+
+def test_a_killed_driver_resumes_without_rerunning_finished_trials_or_duplicating_runs(cluster, tmp_path):
+    n_tasks, n_trials = 5, 4
+    space = write_space(tmp_path, "driverkill", SLOW_SECOND, pairs=[(None, "demo-s")], kd_methods=[],
+                        trials_per_cell=n_trials, pruner="none", pruner_args={}, base=TINY | {"data.train_per_class": 30})
+    driver = sweep(cluster, tmp_path, "--space", space, "--name", "driverkill", "--max-concurrent", "2", log="first.log")
+
+    def one_done_one_midway():
+        trials = rows_so_far(tmp_path, "driverkill")
+        done = [rows for rows in trials.values() if len(rows) == n_tasks]
+        midway = [rows for rows in trials.values() if 1 <= len(rows) < n_tasks - 1]
+        return (done, midway) if done and midway else None
+
+    wait_for(one_done_one_midway, driver, tmp_path, "a finished trial and one midway", log="first.log")
+    os.kill(driver.pid, signal.SIGKILL)  # the driver only: the cluster and its storage stay
+    driver.wait()
+    before = rows_so_far(tmp_path, "driverkill")
+    finished_before = {tid for tid, rows in before.items() if len(rows) == n_tasks}
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    _, _, runs_before = mlflow_runs(client.tracking_uri, "driverkill")
+    ended = {r.data.tags["tune_trial_id"]: r.info.end_time for r in runs_before if r.info.status == "FINISHED"}
+
+    finish(sweep(cluster, tmp_path, "--space", space, "--name", "driverkill", "--resume", log="resume.log"), tmp_path, log="resume.log")
+    after = tune_rows(tmp_path / "ray_results" / "driverkill")
+    for tid in finished_before:  # not rerun: no row added
+        assert after[tid] == before[tid]
+    for tid, rows in after.items():
+        tasks = [r["task"] for r in rows]
+        assert sorted(set(tasks)) == list(range(1, n_tasks + 1)), (tid, tasks)
+
+    children = check_tracked_sweep(client.tracking_uri, "driverkill", "driverkill", n_tasks=n_tasks, expected_trials=n_trials)
+    assert len({c.data.tags["optuna_trial"] for c in children}) == n_trials  # one run per Optuna trial
+    for run in children:
+        if run.data.tags["tune_trial_id"] in ended:
+            assert run.info.end_time == ended[run.data.tags["tune_trial_id"]]  # finished runs untouched
+    check_optuna_matches_mlflow(f"sqlite:///{tmp_path / 'optuna.db'}", "driverkill", client, children)
+    (trials,) = optuna_trials(f"sqlite:///{tmp_path / 'optuna.db'}", "driverkill").values()
+    assert [t.state for t in trials] == [COMPLETE] * n_trials
+    parent = mlflow_runs(client.tracking_uri, "driverkill")[1]
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials_completed"] == n_trials
