@@ -1,0 +1,278 @@
+"""`python -m orchestrator.report --experiment NAME`: the paper's table for a finished sweep, from MLflow.
+
+One row per (teacher, student, prompt method, KD method); per dataset the final average accuracy and forgetting
+on the test split (mean ± std over seeds, n shown) and the change against the no-teacher baseline of the same
+student and method. Each cell (a row, dataset and seed) is represented by its best completed trial, ranked by
+the sweep's validation metric as Optuna ranked them; pruned and failed trials are left out and counted.
+
+Also: `--compare paper` (the published numbers side by side), `--parquet DIR` (runs and per-task metrics),
+`--plots DIR` (PNGs, also logged to the sweep's parent run) and `--configs DIR` (each cell's best config, which
+`python -m cdl_core.run --config FILE` reruns).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+ROW = ["teacher", "student", "method", "kd"]
+CELL = [*ROW, "dataset", "seed"]
+
+
+class ReportError(RuntimeError):
+    """The experiment cannot be reported; the message says why and what to do."""
+
+
+# -- reading MLflow -------------------------------------------------------------------------------------------
+def load_trials(tracking_uri: str, experiment: str) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """One row per trial run (tags, params, final metrics) and the sweep's parent run info."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        names = sorted(e.name for e in client.search_experiments(max_results=50))
+        raise ReportError(f"no MLflow experiment {experiment!r} at {tracking_uri}; experiments there: {', '.join(names) or 'none'}")
+    mlflow.set_tracking_uri(tracking_uri)
+    runs = mlflow.search_runs(experiment_ids=[exp.experiment_id], filter_string="tags.role = 'trial'")
+    if runs.empty:
+        raise ReportError(f"experiment {experiment!r} has no trial runs yet; run a sweep into it first (python -m orchestrator.sweep ...)")
+    parents = client.search_runs([exp.experiment_id], "tags.role = 'sweep'")
+    metric = parents[0].data.params.get("metric", "val_avg_acc") if parents else "val_avg_acc"
+    trials = pd.DataFrame({
+        "run_id": runs["run_id"],
+        **{key: runs[f"tags.{key}"] for key in ("sweep", "cell", "teacher", "student", "method", "kd", "dataset", "status")},
+        "seed": runs["tags.seed"].astype(int),
+        "optuna_trial": runs["tags.optuna_trial"].astype(int),
+        "teacher_run_id": runs.get("tags.teacher_run_id"),
+        "metric": runs.get(f"metrics.{metric}"),
+        **{name: runs.get(f"metrics.{name}") for name in (
+            "test_avg_acc", "test_forgetting", "test_avg_incremental_acc", "val_avg_acc", "val_forgetting")},
+    })
+    info = {"experiment_id": exp.experiment_id, "metric": metric, "parent_run_ids": [p.info.run_id for p in parents]}
+    return trials, info
+
+
+def load_task_metrics(tracking_uri: str, run_ids: list[str]) -> pd.DataFrame:
+    """Per-task metrics (step = tasks learned) of the given runs, one row per (run, task)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    rows: dict[tuple[str, int], dict[str, Any]] = {}
+    for run_id in run_ids:
+        names = client.get_run(run_id).data.metrics
+        for name in sorted(names):
+            if name in TASK_METRICS or name.startswith("test_acc_task"):
+                for m in client.get_metric_history(run_id, name):
+                    rows.setdefault((run_id, m.step), {"run_id": run_id, "task": m.step})[name] = m.value
+    frame = pd.DataFrame(list(rows.values()))
+    return frame.sort_values(["run_id", "task"], ignore_index=True) if not frame.empty else frame
+
+
+TASK_METRICS = ("test_avg_acc", "test_forgetting", "val_avg_acc", "val_forgetting")
+
+
+# -- the table ------------------------------------------------------------------------------------------------
+def best_per_cell(trials: pd.DataFrame) -> pd.DataFrame:
+    """The best completed trial of each cell (by the sweep's metric); ties go to the earlier Optuna trial."""
+    done = trials[trials["status"] == "completed"].dropna(subset=["metric"])
+    ranked = done.sort_values(["metric", "optuna_trial"], ascending=[False, True])
+    return ranked.drop_duplicates(subset=CELL, keep="first").sort_values(CELL, ignore_index=True)
+
+
+def paper_table(trials: pd.DataFrame) -> pd.DataFrame:
+    """One row per (row, dataset): mean/std/n over seeds of the best trials, the change against the no-teacher
+    baseline of the same student and method, and how many trials were pruned or failed."""
+    best = best_per_cell(trials)
+    stats = best.groupby([*ROW, "dataset"]).agg(
+        acc_mean=("test_avg_acc", "mean"), acc_std=("test_avg_acc", "std"), n=("test_avg_acc", "size"),
+        forgetting_mean=("test_forgetting", "mean"), forgetting_std=("test_forgetting", "std"),
+    )
+    # Every (row, dataset) that has trials, so one whose trials were all pruned or failed is shown and counted too.
+    counts = trials.groupby([*ROW, "dataset"])["status"].value_counts().unstack(fill_value=0)
+    counts = counts.reindex(columns=["pruned", "failed"], fill_value=0)
+    table = counts.join(stats, how="left").reset_index()
+    table["n"] = table["n"].fillna(0).astype(int)
+    baseline = table[table["teacher"] == "none"].set_index(["student", "method", "dataset"])
+    keys = list(zip(table["student"], table["method"], table["dataset"]))
+    table["acc_delta"] = [r.acc_mean - baseline["acc_mean"].get(k, float("nan")) if r.teacher != "none" else float("nan")
+                          for r, k in zip(table.itertuples(), keys)]
+    table["forgetting_delta"] = [r.forgetting_mean - baseline["forgetting_mean"].get(k, float("nan")) if r.teacher != "none" else float("nan")
+                                 for r, k in zip(table.itertuples(), keys)]
+    order = table["teacher"].ne("none")  # the baseline first within each student and method
+    return table.assign(_order=order).sort_values(["student", "method", "dataset", "_order", "teacher", "kd"]).drop(columns="_order").reset_index(drop=True)
+
+
+def load_paper() -> pd.DataFrame:
+    """The paper's published numbers shipped with the project (source named in the file's header)."""
+    text = resources.files("orchestrator").joinpath("paper_results.csv").read_text()
+    rows = [line for line in text.splitlines() if line and not line.startswith("#")]
+    from io import StringIO
+
+    return pd.read_csv(StringIO("\n".join(rows)))
+
+
+def compare_with_paper(table: pd.DataFrame, paper: pd.DataFrame) -> pd.DataFrame:
+    merged = table.merge(paper, on=[*ROW, "dataset"], how="left")
+    merged["acc_vs_paper"] = merged["acc_mean"] - merged["paper_acc"]
+    merged["forgetting_vs_paper"] = merged["forgetting_mean"] - merged["paper_forgetting"]
+    return merged
+
+
+# -- output ---------------------------------------------------------------------------------------------------
+def _pm(mean: float, std: float, n: int) -> str:
+    if pd.isna(mean):
+        return "-"
+    return f"{mean:.2f} ± {std:.2f} (n={n})" if n > 1 and not pd.isna(std) else f"{mean:.2f} (n={n})"
+
+
+def _signed(value: float) -> str:
+    return "" if pd.isna(value) else f"{value:+.2f}"
+
+
+def render(table: pd.DataFrame, fmt: str, compare: bool = False) -> str:
+    if fmt == "csv":
+        return table.to_csv(index=False, float_format="%.4f")
+    datasets = sorted(table["dataset"].unique())
+    header = ["teacher", "student", "method", "kd"]
+    for d in datasets:
+        header += [f"{d} acc", f"{d} Δacc", f"{d} forgetting", f"{d} Δforg"] + ([f"{d} paper acc/forg", f"{d} vs paper"] if compare else [])
+    header += ["pruned", "failed"]
+    lines = []
+    for key, group in table.groupby(ROW, sort=False):
+        by_dataset = group.set_index("dataset")
+        cells = list(key)
+        for d in datasets:
+            if d not in by_dataset.index:
+                cells += ["-"] * (6 if compare else 4)
+                continue
+            r = by_dataset.loc[d]
+            cells += [_pm(r.acc_mean, r.acc_std, r.n), _signed(r.acc_delta), _pm(r.forgetting_mean, r.forgetting_std, r.n), _signed(r.forgetting_delta)]
+            if compare:
+                paper = "-" if pd.isna(r.paper_acc) else f"{r.paper_acc:.2f} / {r.paper_forgetting:.2f}"
+                cells += [paper, "" if pd.isna(r.paper_acc) else f"{r.acc_vs_paper:+.2f} / {r.forgetting_vs_paper:+.2f}"]
+        cells += [str(int(group["pruned"].sum())), str(int(group["failed"].sum()))]
+        lines.append(cells)
+    if fmt == "markdown":
+        out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        return "\n".join(out + ["| " + " | ".join(row) + " |" for row in lines]) + "\n"
+    widths = [max(len(header[i]), *(len(row[i]) for row in lines)) for i in range(len(header))]
+    fmt_row = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths))  # noqa: E731
+    return "\n".join([fmt_row(header), fmt_row(["-" * w for w in widths]), *map(fmt_row, lines)]) + "\n"
+
+
+# Parquet: the schemas are part of the interface (README "Comparing results").
+RUNS_SCHEMA = {
+    "run_id": "string", "sweep": "string", "cell": "string", "teacher": "string", "student": "string", "method": "string",
+    "kd": "string", "dataset": "string", "seed": "int64", "optuna_trial": "int64", "status": "string",
+    "teacher_run_id": "string", "metric": "float64", "test_avg_acc": "float64", "test_forgetting": "float64",
+    "test_avg_incremental_acc": "float64", "val_avg_acc": "float64", "val_forgetting": "float64", "config": "string",
+}
+
+
+def export_parquet(trials: pd.DataFrame, tasks: pd.DataFrame, configs: dict[str, str], directory: Path) -> list[Path]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    directory.mkdir(parents=True, exist_ok=True)
+    runs = trials.assign(config=trials["run_id"].map(configs))[list(RUNS_SCHEMA)]
+    arrow = {"string": pa.string(), "int64": pa.int64(), "float64": pa.float64()}
+    runs_schema = pa.schema([(name, arrow[kind]) for name, kind in RUNS_SCHEMA.items()])
+    task_columns = ["run_id", "task", *TASK_METRICS] + sorted((c for c in tasks.columns if c.startswith("test_acc_task")), key=lambda c: int(c[13:]))
+    tasks = tasks.reindex(columns=task_columns)
+    tasks_schema = pa.schema([("run_id", pa.string()), ("task", pa.int64())] + [(c, pa.float64()) for c in task_columns[2:]])
+    paths = [directory / "runs.parquet", directory / "tasks.parquet"]
+    pq.write_table(pa.Table.from_pandas(runs, schema=runs_schema, preserve_index=False), paths[0])
+    pq.write_table(pa.Table.from_pandas(tasks.astype({"task": "int64"}), schema=tasks_schema, preserve_index=False), paths[1])
+    return paths
+
+
+def fetch_configs(tracking_uri: str, run_ids: list[str]) -> dict[str, str]:
+    """run id -> the run's resolved RunConfig JSON (its config.json artifact)."""
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for run_id in run_ids:
+            try:
+                path = client.download_artifacts(run_id, "config.json", tmp)
+            except Exception:  # noqa: BLE001 - a run that never finished has no config artifact
+                continue
+            out[run_id] = Path(path).read_text()
+    return out
+
+
+def export_configs(best: pd.DataFrame, configs: dict[str, str], directory: Path) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for row in best.itertuples():
+        if row.run_id in configs:
+            path = directory / f"{row.cell}.json"
+            path.write_text(json.dumps(json.loads(configs[row.run_id]), indent=1) + "\n")
+            paths.append(path)
+    return paths
+
+
+# -- CLI ------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m orchestrator.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--experiment", required=True, help="MLflow experiment of the sweep (the sweep's name by default)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db in the working directory, as the sweep)")
+    p.add_argument("--format", choices=["console", "markdown", "csv"], default="console", help="table format (default console)")
+    p.add_argument("--compare", choices=["paper"], help="add the paper's published numbers and the difference per cell")
+    p.add_argument("--out", help="also write the table to this file")
+    p.add_argument("--parquet", metavar="DIR", help="write runs.parquet and tasks.parquet here")
+    p.add_argument("--plots", metavar="DIR", help="draw the plots here (PNG) and log them to the sweep's parent run")
+    p.add_argument("--configs", metavar="DIR", help="write each cell's best config here (<cell>.json; rerun with python -m cdl_core.run --config)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per file written is enough
+    tracking_uri = args.tracking_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    try:
+        if "://" in tracking_uri and tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).is_file():
+            raise ReportError(f"no MLflow store at {tracking_uri}; run the report where the sweep ran or pass --tracking-uri")
+        trials, info = load_trials(tracking_uri, args.experiment)
+        table = paper_table(trials)
+        if not table["n"].any():
+            raise ReportError(f"experiment {args.experiment!r} has no completed trial yet ({len(trials)} trials: "
+                              f"{dict(trials['status'].value_counts())}); nothing to tabulate")
+        if args.compare:
+            table = compare_with_paper(table, load_paper())
+        text = render(table, args.format, compare=bool(args.compare))
+        print(text, end="")
+        if args.out:
+            Path(args.out).write_text(text)
+        configs = fetch_configs(tracking_uri, list(trials["run_id"])) if (args.parquet or args.configs) else {}
+        if args.parquet:
+            tasks = load_task_metrics(tracking_uri, list(trials["run_id"]))
+            for path in export_parquet(trials, tasks, configs, Path(args.parquet)):
+                print(f"wrote {path}")
+        if args.configs:
+            paths = export_configs(best_per_cell(trials), configs, Path(args.configs))
+            print(f"wrote {len(paths)} best configs to {args.configs} (rerun one: python -m cdl_core.run --config FILE)")
+        if args.plots:
+            from orchestrator.report_plots import draw_plots
+
+            for path in draw_plots(tracking_uri, trials, table, info, Path(args.plots)):
+                print(f"wrote {path}")
+    except ReportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,655 @@
+"""`python -m orchestrator.report` on fake finished sweeps written straight into an MLflow sqlite store (no Ray):
+the table's math (best trial per cell by the validation metric, mean/std/n over seeds, delta against the
+no-teacher baseline, pruned/failed counts), the three output formats, `--compare paper`, the Parquet export,
+the best-config export (and rerunning one with cdl_core.run), the plots, and the error exits."""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from cdl_core.config import BackboneConfig, DataConfig, DistillConfig, PromptConfig, RunConfig, TrainConfig
+from orchestrator import report
+from orchestrator.report import (
+    RUNS_SCHEMA, ReportError, best_per_cell, compare_with_paper, load_paper, load_trials, main, paper_table, render,
+)
+
+pytestmark = pytest.mark.usefixtures("forbid_demo_pretraining")
+
+N_TASKS = 2
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# -- a fake finished sweep -------------------------------------------------------------------------------------
+@dataclass
+class FakeTrial:
+    """One trial run as MlflowTracking leaves it; `val`, `acc`, `forg` are the values at the last step logged."""
+
+    teacher: str
+    student: str
+    method: str
+    kd: str
+    dataset: str
+    seed: int
+    optuna_trial: int
+    status: str  # completed | pruned | failed
+    val: float  # val_avg_acc
+    acc: float  # test_avg_acc
+    forg: float  # test_forgetting
+    steps: int = N_TASKS  # tasks logged (pruned/failed trials stop early)
+    config: bool = True  # has a config.json artifact
+    teacher_run: bool = False  # tagged with the sweep's teacher run
+
+    @property
+    def row(self) -> tuple[str, str, str, str]:
+        return (self.teacher, self.student, self.method, self.kd)
+
+    @property
+    def cell(self) -> str:
+        return f"{self.teacher}-{self.student}.{self.method}.{self.kd}.{self.dataset}.s{self.seed}"
+
+    def run_config(self) -> dict[str, Any]:
+        """A valid tiny RunConfig; lr differs per Optuna trial so every trial's config is distinguishable."""
+        return RunConfig(
+            data=DataConfig(name=self.dataset if self.dataset in ("synthetic", "fashion_mnist") else "synthetic",
+                            n_tasks=N_TASKS, train_per_class=2, test_per_class=2, val_fraction=0.0),
+            student=BackboneConfig(self.student, "random"),
+            teacher=None if self.teacher == "none" else BackboneConfig(self.teacher, "random"),
+            prompt=PromptConfig(self.method),
+            distill=DistillConfig(self.kd),
+            train=TrainConfig(batch_size=10, eval_batch_size=10, device="cpu", seed=self.seed, lr=0.001 * (1 + self.optuna_trial)),
+        ).validate().to_dict()
+
+    def history(self) -> dict[int, dict[str, float]]:
+        """Per-task metrics, step = task. Before the last step the validation accuracy is 100 - val, so a report
+        that ranked by the first, the best or any earlier value instead of the final one would pick other trials."""
+        a, f, v = self.acc, self.forg, self.val
+        out: dict[int, dict[str, float]] = {}
+        if self.steps >= 1:
+            first_val = v if self.steps == 1 else 100 - v
+            first_acc = a if self.steps == 1 else a + f - 1
+            out[1] = {"val_avg_acc": first_val, "test_avg_acc": first_acc, "test_forgetting": f if self.steps == 1 else 0.0,
+                      "val_forgetting": 0.0, "test_avg_incremental_acc": first_acc, "test_acc_task1": first_acc}
+        if self.steps >= 2:
+            out[2] = {"val_avg_acc": v, "test_avg_acc": a, "test_forgetting": f, "val_forgetting": f / 2,
+                      "test_avg_incremental_acc": (out[1]["test_avg_acc"] + a) / 2, "test_acc_task1": a - 1, "test_acc_task2": a + 1}
+        return out
+
+
+def _row_trials(row: tuple[str, str, str, str], dataset: str, seed: int, *specs: tuple) -> list[FakeTrial]:
+    """specs: (optuna_trial, status, val, acc, forg[, steps])"""
+    return [FakeTrial(*row, dataset, seed, *spec, teacher_run=row[0] != "none") for spec in specs]
+
+
+BASE = ("none", "demo-s", "coda", "none")
+KD = ("demo-t", "demo-s", "coda", "kd")
+DKD = ("demo-t", "demo-s", "coda", "dkd")
+
+# The main sweep: 2 datasets x 2 seeds, a baseline row and a KD row (numbers chosen so the table is easy by hand).
+MAIN_TRIALS = [
+    # baseline, synthetic: s0 best is #0 (val 50) although #1 has the higher test acc; s1 #1 is pruned with val 70
+    *_row_trials(BASE, "synthetic", 0, (0, "completed", 50, 40, 10), (1, "completed", 45, 60, 5)),
+    *_row_trials(BASE, "synthetic", 1, (0, "completed", 55, 44, 12), (1, "pruned", 70, 90, 1, 1)),
+    # KD, synthetic: s0 best #1 (val 65), #2 failed with a high val; s1 best #0 (val 62) although #1 has test 70
+    *_row_trials(KD, "synthetic", 0, (0, "completed", 60, 50, 8), (1, "completed", 65, 48, 6), (2, "failed", 99, 99, 0, 1)),
+    *_row_trials(KD, "synthetic", 1, (0, "completed", 62, 52, 4), (1, "completed", 58, 70, 2)),
+    # baseline, fashion_mnist: one trial per seed
+    *_row_trials(BASE, "fashion_mnist", 0, (0, "completed", 30, 20, 15)),
+    *_row_trials(BASE, "fashion_mnist", 1, (0, "completed", 32, 26, 17)),
+    # KD, fashion_mnist: s0 best #0 (val 40); s1 has only a pruned and a failed trial, so n=1
+    *_row_trials(KD, "fashion_mnist", 0, (0, "completed", 40, 30, 9), (1, "completed", 38, 35, 1)),
+    *_row_trials(KD, "fashion_mnist", 1, (0, "pruned", 45, 60, 3, 1), (1, "failed", 80, 80, 0, 1)),
+]
+for _t in MAIN_TRIALS:
+    if _t.status == "failed":
+        _t.config = False  # a failed trial never wrote its config
+
+# The best trial of each cell, by final val_avg_acc among completed trials: (row, dataset, seed) -> optuna_trial
+EXPECTED_BEST = {
+    (BASE, "synthetic", 0): 0, (BASE, "synthetic", 1): 0, (KD, "synthetic", 0): 1, (KD, "synthetic", 1): 0,
+    (BASE, "fashion_mnist", 0): 0, (BASE, "fashion_mnist", 1): 0, (KD, "fashion_mnist", 0): 0,
+}
+SQRT8 = math.sqrt(8)  # sample std (ddof=1) of two values 4 apart
+SQRT2 = math.sqrt(2)  # ... 2 apart
+SQRT18 = math.sqrt(18)  # ... 6 apart
+# (row, dataset) -> acc_mean, acc_std, n, forgetting_mean, forgetting_std, acc_delta, forgetting_delta, pruned, failed
+EXPECTED_TABLE = {
+    (BASE, "synthetic"): (42.0, SQRT8, 2, 11.0, SQRT2, None, None, 1, 0),
+    (KD, "synthetic"): (50.0, SQRT8, 2, 5.0, SQRT2, 8.0, -6.0, 0, 1),
+    (BASE, "fashion_mnist"): (23.0, SQRT18, 2, 16.0, SQRT2, None, None, 0, 0),
+    (KD, "fashion_mnist"): (30.0, None, 1, 9.0, None, 7.0, -7.0, 1, 1),
+}
+
+# Rows named like the paper's, for --compare paper (one cifar100 row has no published number).
+VB, VL, VS = "vit_base_patch16_224", "vit_large_patch16_224", "vit_small_patch16_224"
+PAPER_TRIALS = [
+    *_row_trials(("none", VB, "coda", "none"), "cifar100", 0, (0, "completed", 80, 86.0, 6.0)),
+    *_row_trials(("none", VB, "coda", "none"), "cifar100", 1, (0, "completed", 81, 85.0, 5.0)),
+    *_row_trials((VL, VB, "coda", "cdl_prompt"), "cifar100", 0, (0, "completed", 82, 88.0, 5.0)),
+    *_row_trials((VL, VB, "coda", "cdl_prompt"), "cifar100", 1, (0, "completed", 83, 87.0, 6.0)),
+    *_row_trials((VL, VB, "coda", "kd"), "cifar100", 0, (0, "completed", 79, 84.0, 7.0)),
+]
+for _t in PAPER_TRIALS:
+    _t.config = False
+    _t.teacher_run = False
+
+
+def _log_trial(client, experiment_id: str, parent_id: str, sweep: str, trial: FakeTrial, teacher_run_id: str | None, scratch: Path) -> str:
+    from mlflow.entities import Metric
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    tags = {
+        MLFLOW_PARENT_RUN_ID: parent_id, "role": "trial", "sweep": sweep, "cell": trial.cell, "teacher": trial.teacher,
+        "student": trial.student, "method": trial.method, "kd": trial.kd, "dataset": trial.dataset, "seed": str(trial.seed),
+        "status": trial.status, "optuna_study": f"{sweep}.{trial.cell}", "optuna_trial": str(trial.optuna_trial),
+        "tune_trial_id": f"t{trial.optuna_trial}_{trial.cell}",
+    }
+    if teacher_run_id and trial.teacher_run:
+        tags |= {"teacher_key": "k" * 16, "teacher_run_id": teacher_run_id}
+    run_id = client.create_run(experiment_id, run_name=f"{trial.cell}#{trial.optuna_trial}", tags=tags).info.run_id
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, float(v), now + step, step) for step, values in trial.history().items() for k, v in values.items()]
+    if metrics:
+        client.log_batch(run_id, metrics=metrics)
+    if trial.config:
+        folder = scratch / run_id
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps(trial.run_config(), indent=1))
+        client.log_artifact(run_id, str(folder / "config.json"))
+    client.set_terminated(run_id, "FAILED" if trial.status == "failed" else "FINISHED")
+    return run_id
+
+
+def make_sweep(client, root: Path, name: str, trials: list[FakeTrial], *, teacher: bool = False) -> dict[str, Any]:
+    """An experiment as a finished sweep leaves it: a parent run (role=sweep, param metric), optionally a teacher
+    run, and one child run per trial. Returns the ids: experiment_id, parent, teacher and trial run ids in order."""
+    from mlflow.entities import Metric
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    experiment_id = client.create_experiment(name, artifact_location=(root / "artifacts" / name).as_uri())
+    parent = client.create_run(experiment_id, run_name=name, tags={"role": "sweep", "sweep": name}).info.run_id
+    client.log_param(parent, "metric", "val_avg_acc")
+    client.log_param(parent, "trials", str(len(trials)))
+    teacher_id = None
+    if teacher:
+        teacher_id = client.create_run(experiment_id, run_name="teacher demo-t", tags={
+            MLFLOW_PARENT_RUN_ID: parent, "role": "teacher", "sweep": name, "teacher_key": "k" * 16, "teacher": "demo-t",
+            "method": "coda", "dataset": "synthetic", "seed": "0", "status": "completed"}).info.run_id
+        client.log_batch(teacher_id, metrics=[Metric("test_avg_acc", v, 0, step) for step, v in ((1, 90.0), (2, 85.0))])
+        client.set_terminated(teacher_id, "FINISHED")
+    ids = [_log_trial(client, experiment_id, parent, name, t, teacher_id, root / "scratch" / name) for t in trials]
+    client.set_terminated(parent, "FINISHED")
+    return {"experiment_id": experiment_id, "parent": parent, "teacher": teacher_id, "trials": ids}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One sqlite store holding every fake sweep the tests read."""
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = "sqlite:///" + str(root / "mlflow.db")
+    client = MlflowClient(uri)
+    sweeps = {
+        "main": make_sweep(client, root, "sweep-main", MAIN_TRIALS, teacher=True),
+        "paper": make_sweep(client, root, "sweep-paper", PAPER_TRIALS),
+        "pruned": make_sweep(client, root, "sweep-pruned", [
+            FakeTrial(*KD, "synthetic", 0, 0, "pruned", 70, 60, 3, steps=1),
+            FakeTrial(*KD, "synthetic", 0, 1, "failed", 0, 0, 0, steps=0, config=False)]),
+        "empty": make_sweep(client, root, "sweep-empty", [], teacher=True),  # parent and teacher run only
+    }
+    return {"uri": uri, "root": root, "client": client, **sweeps}
+
+
+@pytest.fixture(autouse=True)
+def restore_mlflow_tracking_uri(monkeypatch: pytest.MonkeyPatch) -> None:
+    """load_trials sets mlflow's global tracking URI (and MLFLOW_TRACKING_URI); undo it after each test."""
+    import mlflow.tracking._tracking_service.utils as tracking_utils
+
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if "MLFLOW_TRACKING_URI" in os.environ:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", os.environ["MLFLOW_TRACKING_URI"])
+    else:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    if hasattr(tracking_utils, "_tracking_uri"):
+        monkeypatch.setattr(tracking_utils, "_tracking_uri", tracking_utils._tracking_uri)
+
+
+@pytest.fixture(scope="module")
+def main_trials(store) -> tuple[pd.DataFrame, dict[str, Any]]:
+    return load_trials(store["uri"], "sweep-main")
+
+
+def _table_row(table: pd.DataFrame, row: tuple[str, str, str, str], dataset: str) -> pd.Series:
+    mask = (table["teacher"] == row[0]) & (table["student"] == row[1]) & (table["method"] == row[2]) & (table["kd"] == row[3]) & (table["dataset"] == dataset)
+    assert mask.sum() == 1, f"{row} {dataset}: {mask.sum()} rows in\n{table}"
+    return table[mask].iloc[0]
+
+
+def _close(actual: Any, expected: float | None, tol: float = 1e-9) -> bool:
+    if expected is None:
+        return pd.isna(actual)
+    return not pd.isna(actual) and abs(float(actual) - expected) <= tol
+
+
+def run_main(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# -- the table's math ----------------------------------------------------------------------------------------
+def test_load_trials_reads_every_trial_with_tags_and_final_metrics(store, main_trials):
+    trials, info = main_trials
+    assert len(trials) == len(MAIN_TRIALS)  # the parent and the teacher run are not trials
+    assert info["metric"] == "val_avg_acc" and info["parent_run_ids"] == [store["main"]["parent"]]
+    assert info["experiment_id"] == store["main"]["experiment_id"]
+    by_id = trials.set_index("run_id")
+    for run_id, fake in zip(store["main"]["trials"], MAIN_TRIALS):
+        got = by_id.loc[run_id]
+        assert (got["teacher"], got["student"], got["method"], got["kd"], got["dataset"]) == (*fake.row, fake.dataset)
+        assert int(got["seed"]) == fake.seed and int(got["optuna_trial"]) == fake.optuna_trial
+        assert got["status"] == fake.status and got["cell"] == fake.cell and got["sweep"] == "sweep-main"
+        if fake.steps:  # the metric is the value at the last step, not the first or the best one
+            assert got["metric"] == fake.val == got["val_avg_acc"]
+            assert got["test_avg_acc"] == fake.acc and got["test_forgetting"] == fake.forg
+        if fake.teacher_run:
+            assert got["teacher_run_id"] == store["main"]["teacher"]
+
+
+def test_best_trial_of_each_cell_is_the_completed_one_with_the_best_final_validation_accuracy(main_trials):
+    trials, _ = main_trials
+    best = best_per_cell(trials)
+    chosen = {((r.teacher, r.student, r.method, r.kd), r.dataset, int(r.seed)): int(r.optuna_trial) for r in best.itertuples()}
+    assert chosen == EXPECTED_BEST  # not the best test accuracy, not a pruned/failed trial; KD fashion_mnist s1 absent
+    assert set(best["status"]) == {"completed"}
+    assert best.duplicated(subset=report.CELL).sum() == 0
+
+
+def test_ties_go_to_the_earlier_optuna_trial(main_trials):
+    trials, _ = main_trials
+    tie = trials[(trials["kd"] == "kd") & (trials["dataset"] == "synthetic") & (trials["seed"] == 1)].copy()
+    tie["metric"] = 60.0
+    tie = tie.iloc[::-1]  # later trial first in the frame
+    assert int(best_per_cell(tie)["optuna_trial"].iloc[0]) == 0
+
+
+def test_paper_table_means_std_n_deltas_and_pruned_failed_counts(main_trials):
+    trials, _ = main_trials
+    table = paper_table(trials)
+    assert len(table) == len(EXPECTED_TABLE)
+    for (row, dataset), (acc, acc_std, n, forg, forg_std, d_acc, d_forg, pruned, failed) in EXPECTED_TABLE.items():
+        got = _table_row(table, row, dataset)
+        assert _close(got["acc_mean"], acc), (row, dataset, got["acc_mean"])
+        assert _close(got["acc_std"], acc_std), (row, dataset, got["acc_std"])  # sample std, ddof=1
+        assert int(got["n"]) == n
+        assert _close(got["forgetting_mean"], forg) and _close(got["forgetting_std"], forg_std)
+        assert _close(got["acc_delta"], d_acc), (row, dataset, got["acc_delta"])  # baseline rows: no delta
+        assert _close(got["forgetting_delta"], d_forg), (row, dataset, got["forgetting_delta"])
+        assert (int(got["pruned"]), int(got["failed"])) == (pruned, failed), (row, dataset)
+    # the baseline first within each (student, method, dataset)
+    for dataset in ("synthetic", "fashion_mnist"):
+        teachers = list(table[table["dataset"] == dataset]["teacher"])
+        assert teachers == ["none", "demo-t"]
+
+
+def test_not_the_average_of_a_cells_trials_nor_the_best_test_accuracy(main_trials):
+    trials, _ = main_trials
+    got = _table_row(paper_table(trials), KD, "synthetic")
+    all_trials_mean = trials[(trials["kd"] == "kd") & (trials["dataset"] == "synthetic") & (trials["status"] == "completed")]["test_avg_acc"].mean()
+    assert got["acc_mean"] == 50.0 and all_trials_mean != 50.0
+
+
+def test_pruned_and_failed_trials_are_counted_even_where_a_row_has_no_completed_trial(main_trials):
+    trials, _ = main_trials
+    # drop KD fashion_mnist s0: KD then has only a pruned and a failed trial on fashion_mnist (seed 1)
+    trials = trials[~((trials["kd"] == "kd") & (trials["dataset"] == "fashion_mnist") & (trials["seed"] == 0))]
+    table = paper_table(trials)
+    kd = table[table["kd"] == "kd"]
+    assert (int(kd["pruned"].sum()), int(kd["failed"].sum())) == (1, 2)  # synthetic: 0 pruned, 1 failed
+    assert int(table["pruned"].sum()) == int((trials["status"] == "pruned").sum())
+    assert int(table["failed"].sum()) == int((trials["status"] == "failed").sum())
+    # and a row whose only trials were pruned is shown, counted, without numbers
+    lost = trials[(trials["kd"] == "kd")].assign(kd="dkd", status="pruned")
+    table = paper_table(pd.concat([trials, lost], ignore_index=True))
+    dkd = table[table["kd"] == "dkd"]
+    assert len(dkd) > 0 and (dkd["n"] == 0).all() and dkd["acc_mean"].isna().all() and int(dkd["pruned"].sum()) == len(lost)
+    assert "dkd" in render(table, "console")
+
+
+def test_a_row_with_only_a_teacher_and_no_baseline_has_no_delta(main_trials):
+    trials, _ = main_trials
+    only_kd = trials[trials["teacher"] != "none"]
+    table = paper_table(only_kd)
+    assert table["acc_delta"].isna().all() and table["forgetting_delta"].isna().all()
+    assert len(table) == 2
+
+
+# -- rendering -------------------------------------------------------------------------------------------------
+def test_console_table_is_aligned_with_mean_std_n_and_delta(main_trials, capsys, store):
+    code, out, err = run_main(capsys, "--experiment", "sweep-main", "--tracking-uri", store["uri"])
+    assert code == 0, err
+    lines = out.rstrip("\n").split("\n")
+    assert len(lines) == 2 + 2  # header, rule, one line per row (baseline, KD)
+    assert len({len(line) for line in lines}) == 1  # columns padded to one width
+    header = lines[0]
+    for column in ("teacher", "student", "method", "kd", "fashion_mnist acc", "fashion_mnist Δacc", "synthetic acc",
+                   "synthetic forgetting", "synthetic Δforg", "pruned", "failed"):
+        assert column in header
+    assert set(lines[1].replace(" ", "")) == {"-"}
+    baseline, kd = lines[2], lines[3]
+    assert baseline.split()[:4] == list(BASE) and kd.split()[:4] == list(KD)
+    assert f"42.00 ± {SQRT8:.2f} (n=2)" in baseline and f"11.00 ± {SQRT2:.2f} (n=2)" in baseline
+    assert f"23.00 ± {SQRT18:.2f} (n=2)" in baseline and "+" not in baseline
+    assert f"50.00 ± {SQRT8:.2f} (n=2)" in kd and "+8.00" in kd and "-6.00" in kd
+    assert "30.00 (n=1)" in kd and "9.00 (n=1)" in kd and "+7.00" in kd and "-7.00" in kd  # n=1: no std
+    assert "30.00 ±" not in kd
+    assert kd.split()[-2:] == ["1", "2"] and baseline.split()[-2:] == ["1", "0"]  # pruned, failed summed over datasets
+
+
+def test_markdown_is_a_pipe_table_with_a_column_per_dataset_metric(main_trials):
+    trials, _ = main_trials
+    text = render(paper_table(trials), "markdown")
+    lines = text.rstrip("\n").split("\n")
+    assert len(lines) == 2 + 2
+    assert all(line.startswith("| ") or line.startswith("|-") for line in lines)
+    assert all(line.endswith("|") for line in lines)
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    expected = ["teacher", "student", "method", "kd"]
+    for d in ("fashion_mnist", "synthetic"):
+        expected += [f"{d} acc", f"{d} Δacc", f"{d} forgetting", f"{d} Δforg"]
+    assert header == expected + ["pruned", "failed"]
+    assert set(lines[1].strip("|").split("|")) == {"---"} and lines[1].count("|") == len(header) + 1
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    assert all(len(r) == len(header) for r in rows)
+    baseline = dict(zip(header, rows[0]))
+    kd = dict(zip(header, rows[1]))
+    assert baseline["synthetic acc"] == f"42.00 ± {SQRT8:.2f} (n=2)" and baseline["synthetic Δacc"] == ""
+    assert kd["synthetic acc"] == f"50.00 ± {SQRT8:.2f} (n=2)" and kd["synthetic Δacc"] == "+8.00"
+    assert kd["synthetic Δforg"] == "-6.00" and kd["fashion_mnist acc"] == "30.00 (n=1)"
+    assert kd["fashion_mnist forgetting"] == "9.00 (n=1)" and kd["fashion_mnist Δacc"] == "+7.00"
+    assert (baseline["pruned"], baseline["failed"], kd["pruned"], kd["failed"]) == ("1", "0", "1", "2")
+
+
+def test_markdown_marks_a_dataset_a_row_lacks(main_trials):
+    trials, _ = main_trials
+    missing = trials[~((trials["kd"] == "kd") & (trials["dataset"] == "fashion_mnist"))]
+    lines = render(paper_table(missing), "markdown").rstrip("\n").split("\n")
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    kd = dict(zip(header, [c.strip() for c in lines[3].strip("|").split("|")]))
+    assert kd["fashion_mnist acc"] == kd["fashion_mnist forgetting"] == "-"
+    assert kd["synthetic acc"].startswith("50.00")
+
+
+def test_csv_parses_with_pandas_and_its_numbers_are_the_table(main_trials, capsys, store, tmp_path):
+    out_file = tmp_path / "table.csv"
+    code, out, err = run_main(capsys, "--experiment", "sweep-main", "--tracking-uri", store["uri"], "--format", "csv", "--out", str(out_file))
+    assert code == 0, err
+    assert out_file.read_text() == out  # --out holds exactly the table printed
+    parsed = pd.read_csv(io.StringIO(out))
+    table = paper_table(main_trials[0])
+    assert list(parsed.columns) == list(table.columns)
+    assert len(parsed) == len(table)
+    for (_, want), (_, got) in zip(table.iterrows(), parsed.iterrows()):
+        for column in ("teacher", "student", "method", "kd", "dataset"):
+            assert got[column] == want[column]
+        for column in ("acc_mean", "acc_std", "n", "forgetting_mean", "forgetting_std", "acc_delta", "forgetting_delta", "pruned", "failed"):
+            if pd.isna(want[column]):
+                assert pd.isna(got[column]), column
+            else:
+                assert abs(float(got[column]) - float(want[column])) < 1e-4, column
+    kd = _table_row(parsed, KD, "synthetic")
+    assert kd["acc_mean"] == 50.0 and kd["acc_delta"] == 8.0 and abs(kd["acc_std"] - SQRT8) < 1e-4
+
+
+def test_markdown_format_from_the_command_line(capsys, store):
+    code, out, err = run_main(capsys, "--experiment", "sweep-main", "--tracking-uri", store["uri"], "--format", "markdown")
+    assert code == 0, err
+    assert out.startswith("| teacher | student | method | kd | fashion_mnist acc |")
+    assert len(out.rstrip("\n").split("\n")) == 4
+
+
+# -- --compare paper -------------------------------------------------------------------------------------------
+def test_load_paper_names_its_source_and_has_the_16_published_rows():
+    raw = Path(report.__file__).with_name("paper_results.csv").read_text()
+    header = [line for line in raw.splitlines() if line.startswith("#")]
+    assert header and "Continual Distillation Learning" in " ".join(header)
+    paper = load_paper()
+    assert list(paper.columns) == ["teacher", "student", "method", "kd", "dataset", "paper_acc", "paper_forgetting"]
+    assert len(paper) == 16
+    assert not paper.duplicated(subset=[*report.ROW, "dataset"]).any()
+    assert set(paper["dataset"]) == {"cifar100", "imagenet_r"}
+    assert paper["paper_acc"].between(0, 100).all() and paper["paper_forgetting"].between(0, 100).all()
+    base = _table_row(paper, ("none", VB, "coda", "none"), "cifar100")
+    assert (base["paper_acc"], base["paper_forgetting"]) == (86.16, 5.63)
+    assert (paper.loc[paper["teacher"] == "none", "kd"] == "none").all()  # "none" stays a string, not NaN
+
+
+def test_compare_paper_adds_the_published_numbers_and_the_difference(store):
+    trials, _ = load_trials(store["uri"], "sweep-paper")
+    table = compare_with_paper(paper_table(trials), load_paper())
+    base = _table_row(table, ("none", VB, "coda", "none"), "cifar100")
+    assert base["acc_mean"] == 85.5 and base["paper_acc"] == 86.16 and base["paper_forgetting"] == 5.63
+    assert abs(base["acc_vs_paper"] - (85.5 - 86.16)) < 1e-9 and abs(base["forgetting_vs_paper"] - (5.5 - 5.63)) < 1e-9
+    cdl = _table_row(table, (VL, VB, "coda", "cdl_prompt"), "cifar100")
+    assert (cdl["paper_acc"], cdl["paper_forgetting"]) == (87.69, 5.40)
+    assert abs(cdl["acc_vs_paper"] - (87.5 - 87.69)) < 1e-9 and abs(cdl["acc_delta"] - 2.0) < 1e-9
+    no_paper = _table_row(table, (VL, VB, "coda", "kd"), "cifar100")
+    assert pd.isna(no_paper["paper_acc"]) and pd.isna(no_paper["acc_vs_paper"])
+    assert len(table) == 3  # the paper's other rows are not added
+
+
+def test_compare_paper_rendered(capsys, store):
+    code, out, err = run_main(capsys, "--experiment", "sweep-paper", "--tracking-uri", store["uri"], "--compare", "paper", "--format", "markdown")
+    assert code == 0, err
+    lines = out.rstrip("\n").split("\n")
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert "cifar100 paper acc/forg" in header and "cifar100 vs paper" in header
+    rows = {tuple(r[:4]): dict(zip(header, r)) for r in ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:])}
+    assert rows[("none", VB, "coda", "none")]["cifar100 paper acc/forg"] == "86.16 / 5.63"
+    assert rows[("none", VB, "coda", "none")]["cifar100 vs paper"] == "-0.66 / -0.13"
+    assert rows[(VL, VB, "coda", "cdl_prompt")]["cifar100 paper acc/forg"] == "87.69 / 5.40"
+    assert rows[(VL, VB, "coda", "cdl_prompt")]["cifar100 vs paper"] == "-0.19 / +0.10"
+    assert rows[(VL, VB, "coda", "kd")]["cifar100 paper acc/forg"] == "-"
+
+    code, out, err = run_main(capsys, "--experiment", "sweep-paper", "--tracking-uri", store["uri"], "--compare", "paper", "--format", "csv")
+    assert code == 0, err
+    parsed = pd.read_csv(io.StringIO(out))
+    assert {"paper_acc", "paper_forgetting", "acc_vs_paper", "forgetting_vs_paper"} <= set(parsed.columns)
+    cdl = _table_row(parsed, (VL, VB, "coda", "cdl_prompt"), "cifar100")
+    assert cdl["paper_acc"] == 87.69 and abs(cdl["acc_vs_paper"] - -0.19) < 1e-4
+    assert pd.isna(_table_row(parsed, (VL, VB, "coda", "kd"), "cifar100")["paper_acc"])
+
+    code, out, err = run_main(capsys, "--experiment", "sweep-paper", "--tracking-uri", store["uri"], "--compare", "paper")
+    assert code == 0, err
+    kd_line = next(line for line in out.splitlines() if line.split()[:4] == [VL, VB, "coda", "kd"])
+    assert " - " in kd_line + " "
+
+
+# -- Parquet ---------------------------------------------------------------------------------------------------
+def test_parquet_export_matches_the_schema_and_the_logged_values(capsys, store, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    directory = tmp_path / "pq"
+    code, out, err = run_main(capsys, "--experiment", "sweep-main", "--tracking-uri", store["uri"], "--parquet", str(directory))
+    assert code == 0, err
+    assert f"wrote {directory / 'runs.parquet'}" in out and f"wrote {directory / 'tasks.parquet'}" in out
+
+    arrow = {"string": pa.string(), "int64": pa.int64(), "float64": pa.float64()}
+    runs_schema = pq.read_schema(directory / "runs.parquet")
+    assert runs_schema.names == list(RUNS_SCHEMA)
+    for name, kind in RUNS_SCHEMA.items():
+        assert runs_schema.field(name).type == arrow[kind], name
+    # the documented interface, independent of RUNS_SCHEMA itself
+    ints = {"seed", "optuna_trial"}
+    doubles = {"metric", "test_avg_acc", "test_forgetting", "test_avg_incremental_acc", "val_avg_acc", "val_forgetting"}
+    strings = {"run_id", "sweep", "cell", "teacher", "student", "method", "kd", "dataset", "status", "teacher_run_id", "config"}
+    assert set(runs_schema.names) == ints | doubles | strings
+    for name in runs_schema.names:
+        want = pa.int64() if name in ints else pa.float64() if name in doubles else pa.string()
+        assert runs_schema.field(name).type == want, name
+
+    runs = pd.read_parquet(directory / "runs.parquet")
+    assert len(runs) == len(MAIN_TRIALS) and runs["run_id"].is_unique
+    assert str(runs["seed"].dtype) == "int64" and str(runs["metric"].dtype) == "float64"
+    by_id = runs.set_index("run_id")
+    for run_id, fake in zip(store["main"]["trials"], MAIN_TRIALS):
+        got = by_id.loc[run_id]
+        assert got["cell"] == fake.cell and got["status"] == fake.status and int(got["seed"]) == fake.seed
+        if fake.steps:
+            assert got["metric"] == fake.val and got["test_avg_acc"] == fake.acc and got["test_forgetting"] == fake.forg
+        if fake.config:
+            assert RunConfig.from_dict(json.loads(got["config"])).to_dict() == fake.run_config()
+        else:
+            assert pd.isna(got["config"])
+        if fake.teacher_run:
+            assert got["teacher_run_id"] == store["main"]["teacher"]
+        else:
+            assert pd.isna(got["teacher_run_id"])
+
+    tasks_schema = pq.read_schema(directory / "tasks.parquet")
+    metrics = ["test_avg_acc", "test_forgetting", "val_avg_acc", "val_forgetting", "test_acc_task1", "test_acc_task2"]
+    assert tasks_schema.names == ["run_id", "task", *metrics]
+    assert tasks_schema.field("run_id").type == pa.string() and tasks_schema.field("task").type == pa.int64()
+    assert all(tasks_schema.field(m).type == pa.float64() for m in metrics)
+
+    tasks = pd.read_parquet(directory / "tasks.parquet")
+    assert not tasks.duplicated(subset=["run_id", "task"]).any()
+    expected_rows = sum(fake.steps for fake in MAIN_TRIALS)
+    assert len(tasks) == expected_rows
+    by_key = tasks.set_index(["run_id", "task"])
+    for run_id, fake in zip(store["main"]["trials"], MAIN_TRIALS):
+        for step, values in fake.history().items():
+            got = by_key.loc[(run_id, step)]
+            for name in metrics:
+                if name in values:
+                    assert got[name] == values[name], (fake.cell, step, name)
+                else:
+                    assert pd.isna(got[name]), (fake.cell, step, name)  # task 2 not yet learned at step 1
+
+
+def test_parquet_export_when_no_run_has_a_config(capsys, store, tmp_path):
+    """Runs without config.json (e.g. older sweeps) give a null config column, not a crash."""
+    directory = tmp_path / "pq"
+    code, out, err = run_main(capsys, "--experiment", "sweep-paper", "--tracking-uri", store["uri"], "--parquet", str(directory))
+    assert code == 0, err
+    runs = pd.read_parquet(directory / "runs.parquet")
+    assert len(runs) == len(PAPER_TRIALS) and runs["config"].isna().all()
+
+
+# -- best configs ----------------------------------------------------------------------------------------------
+def test_best_configs_one_file_per_cell_and_one_reruns(capsys, store, tmp_path):
+    from cdl_core import run as cdl_run
+
+    directory = tmp_path / "best"
+    code, out, err = run_main(capsys, "--experiment", "sweep-main", "--tracking-uri", store["uri"], "--configs", str(directory))
+    assert code == 0, err
+    assert f"wrote {len(EXPECTED_BEST)} best configs" in out
+    files = sorted(p.name for p in directory.iterdir())
+    by_cell = {}
+    for fake in MAIN_TRIALS:
+        if EXPECTED_BEST.get((fake.row, fake.dataset, fake.seed)) == fake.optuna_trial:
+            by_cell[fake.cell] = fake
+    assert files == sorted(f"{cell}.json" for cell in by_cell)
+    for cell, fake in by_cell.items():
+        loaded = RunConfig.from_json(directory / f"{cell}.json")
+        assert loaded.to_dict() == fake.run_config(), cell  # the best trial's config, not another trial's
+
+    baseline = by_cell[FakeTrial(*BASE, "synthetic", 0, 0, "completed", 0, 0, 0).cell]
+    result = tmp_path / "rerun.json"
+    assert cdl_run.main(["--config", str(directory / f"{baseline.cell}.json"), "--quiet", "--no-baseline", "--out", str(result)]) == 0
+    capsys.readouterr()
+    runs = json.loads(result.read_text())["runs"]
+    assert list(runs) == ["single"]
+
+
+# -- plots -----------------------------------------------------------------------------------------------------
+def test_plots_are_written_and_logged_to_the_parent_run(capsys, store, tmp_path):
+    directory = tmp_path / "plots"
+    code, out, err = run_main(capsys, "--experiment", "sweep-main", "--tracking-uri", store["uri"], "--plots", str(directory))
+    assert code == 0, err
+    curves = sorted(p.name for p in directory.glob("curves_*.png"))
+    assert curves == ["curves_demo-s_coda_fashion_mnist.png", "curves_demo-s_coda_synthetic.png"]
+    cells = {fake.cell for fake in MAIN_TRIALS if (fake.row, fake.dataset, fake.seed) in EXPECTED_BEST}
+    matrices = {p.parent.name for p in directory.glob("matrices/*/accuracy_matrix.png")}
+    assert matrices == cells
+    pngs = [*directory.glob("curves_*.png"), *directory.glob("matrices/*/accuracy_matrix.png"), directory / "kd_gain.png"]
+    for path in pngs:
+        assert path.read_bytes()[:8] == PNG_MAGIC, path
+        assert f"wrote {path}" in out
+
+    client = store["client"]
+    parent = store["main"]["parent"]
+    logged = {a.path for a in client.list_artifacts(parent, "report")}
+    assert {f"report/{name}" for name in curves} | {"report/kd_gain.png", "report/matrices"} <= logged
+    logged_matrices = {a.path for a in client.list_artifacts(parent, "report/matrices")}
+    assert logged_matrices == {f"report/matrices/{cell}" for cell in cells}
+    some_cell = sorted(cells)[0]
+    assert f"report/matrices/{some_cell}/accuracy_matrix.png" in {a.path for a in client.list_artifacts(parent, f"report/matrices/{some_cell}")}
+    assert not client.list_artifacts(store["main"]["trials"][0], "report")  # logged to the parent only
+
+
+def test_accuracy_matrix_from_per_task_metrics():
+    from orchestrator.report_plots import accuracy_matrix
+
+    tasks = pd.DataFrame([
+        {"run_id": "r", "task": 2, "test_acc_task1": 39.0, "test_acc_task2": 41.0},
+        {"run_id": "r", "task": 1, "test_acc_task1": 49.0, "test_acc_task2": float("nan")},
+    ])
+    assert accuracy_matrix(tasks) == [[49.0], [39.0, 41.0]]
+
+
+# -- errors ----------------------------------------------------------------------------------------------------
+def _one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_missing_experiment_names_it_and_lists_the_existing_ones(capsys, store):
+    code, out, err = run_main(capsys, "--experiment", "no-such-sweep", "--tracking-uri", store["uri"])
+    assert code == 2 and out == ""
+    line = _one_error_line(err)
+    assert "no-such-sweep" in line
+    for name in ("sweep-main", "sweep-paper", "sweep-empty", "sweep-pruned"):
+        assert name in line
+    with pytest.raises(ReportError, match="no-such-sweep"):
+        load_trials(store["uri"], "no-such-sweep")
+
+
+def test_experiment_without_trial_runs(capsys, store):
+    code, out, err = run_main(capsys, "--experiment", "sweep-empty", "--tracking-uri", store["uri"])
+    assert code == 2 and out == ""
+    line = _one_error_line(err)
+    assert "sweep-empty" in line and "no trial runs" in line
+
+
+def test_experiment_with_only_pruned_and_failed_trials(capsys, store):
+    code, out, err = run_main(capsys, "--experiment", "sweep-pruned", "--tracking-uri", store["uri"])
+    assert code == 2 and out == ""
+    line = _one_error_line(err)
+    assert "sweep-pruned" in line and "no completed trial" in line
+    assert "pruned" in line and "failed" in line
+
+
+def test_missing_sqlite_store_is_an_error_and_is_not_created(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    db = tmp_path / "nowhere" / "mlflow.db"
+    code, out, err = run_main(capsys, "--experiment", "x", "--tracking-uri", f"sqlite:///{db}")
+    assert code == 2 and out == ""
+    assert "no MLflow store" in _one_error_line(err)
+    assert not db.exists() and not db.parent.exists()
+    # the default URI is ./mlflow.db in the working directory
+    code, out, err = run_main(capsys, "--experiment", "x")
+    assert code == 2 and str(tmp_path / "mlflow.db") in _one_error_line(err)
+    assert not (tmp_path / "mlflow.db").exists()
