@@ -102,21 +102,19 @@ def paper_table(trials: pd.DataFrame) -> pd.DataFrame:
     table["n"] = table["n"].fillna(0).astype(int)
     baseline = table[table["teacher"] == "none"].set_index(["student", "method", "dataset"])
     keys = list(zip(table["student"], table["method"], table["dataset"]))
-    table["acc_delta"] = [r.acc_mean - baseline["acc_mean"].get(k, float("nan")) if r.teacher != "none" else float("nan")
-                          for r, k in zip(table.itertuples(), keys)]
-    table["forgetting_delta"] = [r.forgetting_mean - baseline["forgetting_mean"].get(k, float("nan")) if r.teacher != "none" else float("nan")
-                                 for r, k in zip(table.itertuples(), keys)]
+    for column in ("acc", "forgetting"):  # change against the no-teacher baseline of the same student and method
+        table[f"{column}_delta"] = [
+            getattr(r, f"{column}_mean") - baseline[f"{column}_mean"].get(k, float("nan")) if r.teacher != "none" else float("nan")
+            for r, k in zip(table.itertuples(), keys)
+        ]
     order = table["teacher"].ne("none")  # the baseline first within each student and method
     return table.assign(_order=order).sort_values(["student", "method", "dataset", "_order", "teacher", "kd"]).drop(columns="_order").reset_index(drop=True)
 
 
 def load_paper() -> pd.DataFrame:
     """The paper's published numbers shipped with the project (source named in the file's header)."""
-    text = resources.files("orchestrator").joinpath("paper_results.csv").read_text()
-    rows = [line for line in text.splitlines() if line and not line.startswith("#")]
-    from io import StringIO
-
-    return pd.read_csv(StringIO("\n".join(rows)))
+    with resources.as_file(resources.files("orchestrator") / "paper_results.csv") as path:
+        return pd.read_csv(path, comment="#")
 
 
 def compare_with_paper(table: pd.DataFrame, paper: pd.DataFrame) -> pd.DataFrame:
@@ -242,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per file written is enough
     tracking_uri = args.tracking_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
     try:
-        if "://" in tracking_uri and tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).is_file():
+        if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).is_file():
             raise ReportError(f"no MLflow store at {tracking_uri}; run the report where the sweep ran or pass --tracking-uri")
         trials, info = load_trials(tracking_uri, args.experiment)
         table = paper_table(trials)
