@@ -11,12 +11,16 @@ import argparse
 import logging
 import os
 import sys
+import urllib.parse
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from orchestrator.space import Cell, SpaceError, SweepSpace, available_spaces, load_space
+
+TRIALS_FILTER = "tags.role = 'trial'"  # MLflow search filter for a sweep's trial runs
+
 
 class SweepError(RuntimeError):
     """The sweep cannot start as asked; the message says what is missing."""
@@ -269,9 +273,14 @@ def run_sweep(space: SweepSpace, plan: Plan, args: argparse.Namespace) -> int:
     unfinished = plan.total_trials - sum(r["status"] != "interrupted" for r in results)
     if unfinished:
         print(f"\nsweep interrupted: {unfinished} of {plan.total_trials} trials not finished; rerun the same command with --resume to continue")
-    print(f"\nMLflow UI: mlflow ui --backend-store-uri {tracking_uri}   (experiment {experiment!r})")
-    print(f"Optuna dashboard: optuna-dashboard {optuna_url}")
     tracking = LIVE.pop(sweep, None)
+    served = tracking_uri if tracking_uri.startswith("http") else "http://127.0.0.1:5000"
+    print(f"\nMLflow UI: mlflow ui --backend-store-uri {tracking_uri}   (experiment {experiment!r})" if served != tracking_uri
+          else f"\nMLflow UI at {tracking_uri} (experiment {experiment!r})")
+    if tracking is not None:  # the runs table of this sweep's trials (MLflow otherwise opens its GenAI overview)
+        print(f"  open {served}/#/experiments/{tracking.experiment_id}/runs?workflowType=machine_learning"
+              f"&searchFilter={urllib.parse.quote(TRIALS_FILTER)}")
+    print(f"Optuna dashboard: optuna-dashboard {optuna_url}")
     if tracking is not None and tracking.unwritten:
         raise SweepError(
             f"MLflow at {tracking_uri} stayed unreachable: {tracking.unwritten} tracking writes were not done after waiting "
