@@ -413,16 +413,22 @@ def test_a_trial_far_below_its_cells_completed_trials_is_pruned_and_recorded_pru
     assert study.trials[configs[good1]["optuna_trial"]].intermediate_values == {1: 90.0, 2: 90.0, 3: 90.0}
 
 
-def test_a_trial_is_never_pruned_at_its_last_task(tmp_path):
+def two_good_trials_done(tmp_path: Path):
+    """A KD cell with 3 trials of 3 tasks whose first two completed at 90%: (searcher, scheduler, configs, cell, third)."""
     space, searcher = tuned_space(tmp_path, trials_per_cell=3)
     scheduler = OptunaPruningScheduler(searcher)
     configs = {f"t{i}": searcher.suggest(f"t{i}") for i in range(8)}
     cell = configs["t0"]["cell"]
-    good1, good2, late = [t for t, c in configs.items() if c["cell"] == cell]
+    good1, good2, third = [t for t, c in configs.items() if c["cell"] == cell]
     for tid in (good1, good2):
         for task in (1, 2, 3):
             report(scheduler, tid, task, 3, 90.0)
         searcher.on_trial_complete(tid, {"val_avg_acc": 90.0, "task": 3, "n_tasks": 3})
+    return searcher, scheduler, configs, cell, third
+
+
+def test_a_trial_is_never_pruned_at_its_last_task(tmp_path):
+    searcher, scheduler, configs, cell, late = two_good_trials_done(tmp_path)
     # a trial whose first report is its last task (e.g. restored from a checkpoint): the pruner would stop it
     # at any earlier task with this value, but after the last task there is nothing left to save
     assert report(scheduler, late, 3, 3, 10.0) == TrialScheduler.CONTINUE
@@ -454,15 +460,7 @@ def test_an_optuna_trial_that_a_killed_driver_never_recorded_is_replayed_not_dup
 
 
 def test_a_pruned_trial_restored_after_a_driver_restart_is_stopped_again_without_reporting(tmp_path):
-    space, searcher = tuned_space(tmp_path, trials_per_cell=3)
-    scheduler = OptunaPruningScheduler(searcher)
-    configs = {f"t{i}": searcher.suggest(f"t{i}") for i in range(8)}
-    cell = configs["t0"]["cell"]
-    good1, good2, bad = [t for t, c in configs.items() if c["cell"] == cell]
-    for tid in (good1, good2):
-        for task in (1, 2, 3):
-            report(scheduler, tid, task, 3, 90.0)
-        searcher.on_trial_complete(tid, {"val_avg_acc": 90.0, "task": 3, "n_tasks": 3})
+    searcher, scheduler, configs, cell, bad = two_good_trials_done(tmp_path)
     assert report(scheduler, bad, 1, 3, 10.0) == TrialScheduler.STOP
     searcher.on_trial_complete(bad, {"val_avg_acc": 10.0, "task": 1, "n_tasks": 3})
     # Tune restarts it from its task-1 checkpoint (its stop was not in the last snapshot): it stops again, and
