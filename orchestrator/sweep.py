@@ -58,8 +58,9 @@ def make_plan(space: SweepSpace) -> Plan:
             continue
         # The teacher key under two different tuned-value draws: equal unless tuning touches the teacher.
         configs = [RunConfig.from_dict(space.run_config(cell, space.sample_overrides(cell, seed))) for seed in (0, 1)]
-        if configs[0].distill.schedule == "sequential" and teacher_key(configs[0]) == teacher_key(configs[1]):
-            keys[cell.key] = teacher_key(configs[0])
+        drawn = {teacher_key(cfg) for cfg in configs} if configs[0].distill.schedule == "sequential" else set()
+        if len(drawn) == 1:
+            keys[cell.key] = drawn.pop()
         else:
             own += trials[cell.key]
     return Plan(cells, trials, keys, own)

@@ -163,11 +163,11 @@ class Outbox:
                 self.changed.notify_all()
 
 
-def _snapshot(trial) -> SimpleNamespace:
-    """What the writes need of a Tune trial, copied now: the trial object keeps changing while writes wait."""
-    return SimpleNamespace(
-        trial_id=trial.trial_id, config=trial.config, status=trial.status, last_result=copy.deepcopy(trial.last_result),
-    )
+def _snapshot(trial, with_last_result: bool = True) -> SimpleNamespace:
+    """What the writes need of a Tune trial, copied now: the trial object keeps changing while writes wait.
+    A result's own write gets the result itself, so it skips copying the trial's last result again."""
+    last = copy.deepcopy(trial.last_result) if with_last_result else None
+    return SimpleNamespace(trial_id=trial.trial_id, config=trial.config, status=trial.status, last_result=last)
 
 
 def _numeric(result: dict) -> dict[str, float]:
@@ -266,13 +266,15 @@ class MlflowTracking(Callback):
                 "seed": str(run_cfg["train"]["seed"]), "optuna_study": config["optuna_study"], "optuna_trial": str(config["optuna_trial"]),
             }
             run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
-            params = flatten(run_cfg) | {f"tuned.{k}": str(v) for k, v in config["tuned"].items()}
-            items = [Param(k, v) for k, v in params.items()]
-            for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-                self.client.log_batch(run_id, params=items[start : start + 100])
+            self._log_params(run_id, flatten(run_cfg) | {f"tuned.{k}": str(v) for k, v in config["tuned"].items()})
             self._logged_steps[run_id] = set()
         self._runs[trial.trial_id] = run_id
         return run_id
+
+    def _log_params(self, run_id: str, params: dict[str, str]) -> None:
+        items = [Param(k, v) for k, v in params.items()]
+        for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(run_id, params=items[start : start + 100])
 
     def teacher_run_id(self, key: str, trial) -> str:
         """The sweep's one MLflow run for the stored teacher `key` (found again by tag after a resume)."""
@@ -298,20 +300,18 @@ class MlflowTracking(Callback):
             }
             run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
             # What the teacher depends on: everything but the student-side distillation settings
-            params = [Param(k, v) for k, v in flatten({k: v for k, v in run_cfg.items() if k != "distill"}).items()]
-            for start in range(0, len(params), 100):
-                self.client.log_batch(run_id, params=params[start : start + 100])
+            self._log_params(run_id, flatten({k: v for k, v in run_cfg.items() if k != "distill"}))
             self._logged_steps[run_id] = set()
         self._teacher_runs[key] = run_id
         return run_id
 
     # Tune's hooks only queue the writes (see Outbox); the methods after them do the writing.
     def on_trial_start(self, iteration: int, trials: list, trial, **info: Any) -> None:
-        snapshot = _snapshot(trial)
+        snapshot = _snapshot(trial, with_last_result=False)
         self.outbox.put(lambda: self.run_id(snapshot))
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info: Any) -> None:
-        snapshot, result = _snapshot(trial), copy.deepcopy(result)
+        snapshot, result = _snapshot(trial, with_last_result=False), copy.deepcopy(result)
         self.outbox.put(lambda: self._write_result(snapshot, result))
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
