@@ -27,8 +27,10 @@ single: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The README's "Performance" numbers: each prints its ratios, measured side by side in one run.
 bench: $(STAMP)
 	$(PY) bench/step_throughput.py
+	$(PY) bench/sweep_overhead.py
 	$(PY) bench/teacher_reuse.py
 
 clean:

@@ -1,69 +1,178 @@
-"""Training-step throughput (img/s) per prompt method and backbone preset: median of several timed runs.
+"""The CDL-Prompt student distillation step: the product's (`ContinualRun.step`) against the official-style
+reference (bench/reference_step.py), side by side in one run, for CODA-Prompt, L2P and DualPrompt.
 
-A step is what the learner does per batch: the frozen query pass, the prompted forward, the loss, backward
-and the Adam update of prompts and head. Random weights (speed does not depend on them).
+A step: the frozen query pass, the frozen teacher's forward (prompts and logits), the student's prompted forward
+with the mapped teacher prompts, the loss, backward and the Adam update. First both implementations are checked
+to give the same loss and gradients on the same batch and weights; then each runs `--steps` steps per repeat,
+alternating, and the table shows the median img/s of each, the median of the per-repeat ratios, the product's
+step with precomputed frozen outputs (what it does from the second epoch on when augmentation is off), and the
+peak memory one training step needs (each measured in a fresh process: peak RSS over two steps minus the RSS
+before them on CPU, torch's peak allocation on CUDA). Random weights (speed does not depend on them).
 
-    python bench/step_throughput.py                      # demo presets, all methods
-    python bench/step_throughput.py --presets vit_base_patch16_224 --batch-size 16 --repeats 3
+    python bench/step_throughput.py                                  # demo presets demo-t -> demo-s, batch 64, 1 thread
+    python bench/step_throughput.py --paper --batch-size 16          # ViT-B -> ViT-S at 224 px (random weights)
+    python bench/step_throughput.py --device cuda --precision bf16 --compile   # on a GPU
 """
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import os
+import re
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from cdl_core.backbones import create_backbone
-from cdl_core.config import BackboneConfig
-from cdl_core.distill import TaskClasses
-from cdl_core.distill.losses import current_task_cross_entropy
-from cdl_core.model import ContinualModel
-from cdl_core.prompts import PROMPT_METHODS, build_prompt_method
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reference_step import OfficialStyleStep, check_same_step  # noqa: E402
+
+from cdl_core.config import RunConfig  # noqa: E402
+from cdl_core.distill import TaskClasses  # noqa: E402
+from cdl_core.learner import ContinualRun  # noqa: E402
+
+METHODS = ("coda", "l2p", "dualprompt")
+TASK = 1  # a task after the first: earlier CODA components are frozen and past classes are masked
 
 
-def time_steps(model: ContinualModel, images: torch.Tensor, targets: torch.Tensor, steps: int) -> float:
-    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=1e-3)
-    classes = TaskClasses(past=0, seen=int(targets.max()) + 1)
-    model.prompt.begin_task(0)
-    model.train()
+def build(args: argparse.Namespace, method: str) -> tuple[ContinualRun, torch.Tensor, torch.Tensor, TaskClasses]:
+    """A run on a tiny synthetic stream (only its class count matters) with the models as after task TASK began,
+    and one random batch of the backbones' input size."""
+    cfg = RunConfig.from_dict({
+        "data": {"name": "synthetic", "n_tasks": 5, "train_per_class": 2, "test_per_class": 1, "val_fraction": 0.0},
+        "student": {"preset": args.pair[1], "weights": "random"}, "teacher": {"preset": args.pair[0], "weights": "random"},
+        "prompt": {"method": method}, "distill": {"method": "cdl_prompt"},
+        "train": {"device": args.device, "precision": args.precision, "compile": args.compile, "batch_size": args.batch_size},
+    })
+    run = ContinualRun(cfg)
+    for model in (run.teacher, run.student):
+        for t in range(TASK + 1):
+            model.prompt.begin_task(t)
+        model.train()
+    task = run.stream.tasks[TASK]
+    classes = TaskClasses(past=task.classes[0], seen=task.classes[-1] + 1)
+    generator = torch.Generator().manual_seed(0)
+    size = run.student_backbone.image_size
+    images = torch.randn(args.batch_size, 3, size, size, generator=generator).to(run.device)
+    targets = torch.randint(classes.past, classes.seen, (args.batch_size,), generator=generator).to(run.device)
+    return run, images, targets, classes
 
-    def step() -> None:
-        query = model.backbone.query(images)
-        out = model(images, query, 0, train=True)
-        loss = current_task_cross_entropy(out.logits, targets, classes) + out.prompt_loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
 
-    step()  # warm-up
+IMPLS = ("ours", "ours_cached", "reference")
+
+
+def make_step(run: ContinualRun, impl: str, images: torch.Tensor, targets: torch.Tensor, classes: TaskClasses):
+    """A function doing one training step of `impl`: the product's step, the product's step with the batch's
+    frozen outputs precomputed (from the second epoch on without augmentation), or the official-style one."""
+    if impl == "reference":
+        reference = OfficialStyleStep(run)
+        optimizer = reference.optimizer()
+        return lambda: reference.step(images, targets, TASK, classes, optimizer)
+    optimizer, _ = run._optimizer(run.student)
+    frozen = run.frozen_inputs("student", images, TASK) if impl == "ours_cached" else None
+    return lambda: run.step("student", images, targets, TASK, classes, [optimizer], frozen)
+
+
+def images_per_second(step, steps: int, batch: int, device: torch.device) -> float:
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    synchronize()
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    return steps * len(images) / (time.perf_counter() - start)
+    synchronize()
+    return steps * batch / (time.perf_counter() - start)
 
 
-def main() -> None:
+def _rss_kib(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text())[1])
+
+
+def _peak_step_mib(args: argparse.Namespace, method: str, impl: str) -> float:
+    """Runs in a fresh process: the memory two training steps of `impl` need beyond what was allocated before."""
+    torch.set_num_threads(args.threads)
+    run, images, targets, classes = build(args, method)
+    step = make_step(run, impl, images, targets, classes)
+    if run.device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step(), step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    before = _rss_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
+    step(), step()
+    return (_rss_kib("VmHWM") - before) / 1024
+
+
+def peak_step_mib(args: argparse.Namespace, method: str, impl: str) -> float:
+    # A fixed mmap threshold makes glibc hand freed buffers back at once, so RSS follows what is allocated.
+    environment = os.environ.copy()
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    try:
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            return pool.apply(_peak_step_mib, (args, method, impl))
+    finally:
+        os.environ.clear()
+        os.environ.update(environment)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--presets", nargs="+", default=["demo-s", "demo-t"])
-    parser.add_argument("--methods", nargs="+", default=["none", "l2p", "dualprompt", "coda"], choices=sorted(PROMPT_METHODS))
+    parser.add_argument("--pair", nargs=2, default=["demo-t", "demo-s"], metavar=("TEACHER", "STUDENT"), help="backbone presets")
+    parser.add_argument("--paper", action="store_true", help="the paper's ViT-B -> ViT-S pair (random weights, 224 px)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
-    torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
-          f"median of {args.repeats} runs x {args.steps} steps")
-    print(f"{'preset':<24} {'method':<11} {'img/s':>8} {'min':>8} {'max':>8}")
-    for preset in args.presets:
-        backbone = create_backbone(BackboneConfig(preset=preset, weights="random"))
-        images = torch.randn(args.batch_size, 3, backbone.image_size, backbone.image_size)
-        targets = torch.randint(0, 10, (args.batch_size,))
-        for method in args.methods:
-            prompt = build_prompt_method(method, {}, backbone.embed_dim, backbone.embed_dim, 10, backbone.depth)
-            model = ContinualModel(backbone, prompt, n_classes=100)
-            rates = [time_steps(model, images, targets, args.steps) for _ in range(args.repeats)]
-            print(f"{preset:<24} {method:<11} {statistics.median(rates):>8.1f} {min(rates):>8.1f} {max(rates):>8.1f}", flush=True)
+    parser.add_argument("--steps", type=int, default=5, help="steps per timed run")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per implementation (medians are printed)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="the product's precision (the reference is fp32)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the product's backbone passes")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a smoke-sweep trial's one CPU)")
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory measurement")
+    args = parser.parse_args(argv)
+    if args.paper:
+        args.pair = ["vit_base_patch16_224", "vit_small_patch16_224"]
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
+    print(f"CDL-Prompt student step, {args.pair[0]} -> {args.pair[1]}, batch {args.batch_size}, {where}, torch {torch.__version__}, "
+          f"ours: {args.precision}{' + compile' if args.compile else ''}; median of {args.repeats} runs x {args.steps} steps")
+    header = f"{'method':<11} {'ours img/s':>10} {'reference':>10} {'ratio':>6} {'cached':>8} {'ratio':>6}"
+    if args.memory:
+        header += f" {'step MiB ours':>14} {'reference':>10}"
+    print(header, flush=True)
+    rows = []
+    for method in args.methods:
+        run, images, targets, classes = build(args, method)
+        reference = OfficialStyleStep(run)
+        if args.precision == "fp32":  # bf16 changes the last bits by design; the math was checked in fp32
+            check_same_step(run, reference, images, targets, TASK, classes)
+        steps = {impl: make_step(run, impl, images, targets, classes) for impl in IMPLS}
+        for step in steps.values():  # warm-up (and compilation)
+            step()
+        rates: dict[str, list[float]] = {name: [] for name in steps}
+        for _ in range(args.repeats):
+            for name, step in steps.items():
+                rates[name].append(images_per_second(step, args.steps, args.batch_size, run.device))
+        row = {"method": method, **{name: statistics.median(r) for name, r in rates.items()},
+               "ratio": statistics.median(o / r for o, r in zip(rates["ours"], rates["reference"])),
+               "ratio_cached": statistics.median(o / r for o, r in zip(rates["ours_cached"], rates["reference"]))}
+        line = (f"{method:<11} {row['ours']:>10.1f} {row['reference']:>10.1f} {row['ratio']:>5.2f}x "
+                f"{row['ours_cached']:>8.1f} {row['ratio_cached']:>5.2f}x")
+        if args.memory:
+            row["mib_ours"], row["mib_reference"] = (peak_step_mib(args, method, impl) for impl in ("ours", "reference"))
+            line += f" {row['mib_ours']:>14.1f} {row['mib_reference']:>10.1f}"
+        print(line, flush=True)
+        rows.append(row)
+    return rows
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import timm
 import torch
@@ -69,6 +69,7 @@ class FrozenViT(nn.Module):
         self.preset = preset
         self.weights = weights
         self.weights_sha256 = weights_sha256
+        self._compiled: Callable | None = None
         self.vit.requires_grad_(False)
         self.vit.eval()
         data_cfg = vit.pretrained_cfg
@@ -98,38 +99,56 @@ class FrozenViT(nn.Module):
         # Frozen: dropout/drop-path stay off whatever mode the owning model is in.
         return super().train(False)
 
-    @torch.no_grad()
+    def enable_compile(self) -> None:
+        """Run the passes through `torch.compile` (train.compile; opt-in, meant for GPUs)."""
+        self._compiled = torch.compile(self._cls_feature)
+
     def query(self, images: torch.Tensor) -> torch.Tensor:
-        """[CLS] feature of the frozen, prompt-free pass. no_grad (not inference_mode): the result feeds
-        prompt selection, whose parameters need it saved for backward."""
-        return self.vit.forward_features(images)[:, 0]
+        """[CLS] feature of the frozen, prompt-free pass, in float32. Computed under inference mode (no autograd
+        bookkeeping at all) and copied out of it: prompt selection saves the query for its backward pass, which
+        an inference tensor cannot be."""
+        with torch.inference_mode():
+            feature = self(images)
+        return feature.to(torch.float32, copy=True)
 
     def forward(self, images: torch.Tensor, prefixes: dict[int, Prefix] | None = None) -> torch.Tensor:
-        if not prefixes:
-            return self.vit.forward_features(images)[:, 0]
+        """[CLS] output; `prefixes[layer]` are prepended to that layer's keys and values."""
+        return (self._compiled or self._cls_feature)(images, prefixes or {})
+
+    def _cls_feature(self, images: torch.Tensor, prefixes: dict[int, Prefix]) -> torch.Tensor:
         vit = self.vit
         x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
-        for index, block in enumerate(vit.blocks):
-            prefix = prefixes.get(index)
-            if prefix is None:
-                x = block(x)
-                continue
-            x = x + block.drop_path1(block.ls1(prefix_attention(block.attn, block.norm1(x), prefix)))
+        *blocks, last = vit.blocks
+        for index, block in enumerate(blocks):
+            x = x + block.drop_path1(block.ls1(prefix_attention(block.attn, block.norm1(x), prefixes.get(index))))
             x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-        return vit.norm(x)[:, 0]
+        # Only [CLS] is read: the last block needs keys and values of every token, but queries, projection
+        # and MLP of [CLS] alone (token-wise LayerNorms and MLP make that exact).
+        cls = x[:, :1]
+        attended = prefix_attention(last.attn, last.norm1(x), prefixes.get(len(blocks)), cls_only=True)
+        cls = cls + last.drop_path1(last.ls1(attended))
+        cls = cls + last.drop_path2(last.ls2(last.mlp(last.norm2(cls))))
+        return vit.norm(cls)[:, 0]
 
 
-def prefix_attention(attn: nn.Module, x: torch.Tensor, prefix: Prefix) -> torch.Tensor:
-    """timm `Attention` with prefix key/value tokens prepended (queries unchanged), via SDPA."""
+def prefix_attention(attn: nn.Module, x: torch.Tensor, prefix: Prefix | None, cls_only: bool = False) -> torch.Tensor:
+    """timm `Attention` via SDPA, with prefix key/value tokens prepended (queries unchanged). `cls_only`: the
+    output of the first token alone, its query projected alone."""
     batch, tokens, dim = x.shape
     heads, head_dim = attn.num_heads, attn.head_dim
-    q, k, v = attn.qkv(x).reshape(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    weight, bias = attn.qkv.weight, attn.qkv.bias
+    if cls_only:
+        q = F.linear(x[:, :1], weight[:dim], None if bias is None else bias[:dim]).reshape(batch, 1, heads, head_dim).transpose(1, 2)
+        k, v = F.linear(x, weight[dim:], None if bias is None else bias[dim:]).reshape(batch, tokens, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
+    else:
+        q, k, v = attn.qkv(x).reshape(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    prefix_k, prefix_v = (p.expand(batch, -1, -1).reshape(batch, -1, heads, head_dim).transpose(1, 2) for p in prefix)
-    k = torch.cat((prefix_k, k), dim=2)
-    v = torch.cat((prefix_v, v), dim=2)
+    if prefix is not None:
+        prefix_k, prefix_v = (p.expand(batch, -1, -1).reshape(batch, -1, heads, head_dim).transpose(1, 2) for p in prefix)
+        k = torch.cat((prefix_k, k), dim=2)
+        v = torch.cat((prefix_v, v), dim=2)
     out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
-    out = attn.norm(out.transpose(1, 2).reshape(batch, tokens, heads * head_dim))
+    out = attn.norm(out.transpose(1, 2).reshape(batch, q.shape[2], heads * head_dim))
     return attn.proj_drop(attn.proj(out))
 
 

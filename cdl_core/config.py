@@ -126,6 +126,11 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_workers: int = 0
+    # Opt-in speed-ups meant for GPUs (off by default: not yet measured faster on one, see README "Performance");
+    # both also run, correctly but slower, on CPU. Results change in the last bits, so both are part of a run's
+    # identity (a stored teacher trained in bf16 is not reused by an fp32 run).
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast the forward passes to bfloat16
+    compile: bool = False  # torch.compile the backbone passes
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -143,6 +148,7 @@ class TrainConfig:
             raise ConfigError(f"train.device={self.device!r} is not valid; use auto, cpu, cuda or cuda:N")
         if self.num_workers < 0:
             raise ConfigError(f"train.num_workers={self.num_workers} must be >= 0")
+        _one_of("train.precision", self.precision, ("fp32", "bf16"))
 
 
 @dataclass

@@ -14,7 +14,7 @@ import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import timm
 import torch
@@ -26,7 +26,8 @@ from cdl_core.config import ConfigError, RunConfig
 from cdl_core.data import ClassIncrementalStream, TaskSplit, build_stream
 from cdl_core.distill import KDContext, TaskClasses, build_kd_method
 from cdl_core.distill.losses import current_task_cross_entropy
-from cdl_core.model import ContinualModel
+from cdl_core.distill.prompt_mapping import teacher_prompt_queries
+from cdl_core.model import ContinualModel, ModelOutput
 from cdl_core.pretrain import check_stream_disjoint
 from cdl_core.prompts import PROMPT_METHODS, build_prompt_method
 from cdl_core.teacher_store import TeacherEntry, TeacherStore, TeacherStoreError, content_key
@@ -49,7 +50,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 # Bump when the training math changes, so stored teachers made by older code are not reused.
-TRAINER_VERSION = 1
+# 2: frozen outputs precomputed per task without augmentation (batched differently: last-bit differences).
+# (A student's frozen teacher now selects prompts as at inference; that changes students, not teachers.)
+TRAINER_VERSION = 2
 
 # What a teacher's training does not depend on: where things run and how evaluation is batched.
 _TRAIN_FIELDS_NOT_IN_TEACHER = ("device", "num_workers", "eval_batch_size")
@@ -91,6 +94,63 @@ class TaskReport:
     teacher_trained: bool | None = None  # sequential teacher: trained here (True) or loaded from the store (False)
 
 
+class TeacherSignal(NamedTuple):
+    """What a student step takes from its teacher for a batch: logits, and the per-layer prompt queries a
+    prompt-mapping KD method needs (None for the others). Detached: nothing flows back into the teacher."""
+
+    logits: torch.Tensor
+    prompt_queries: dict[int, torch.Tensor] | None
+
+
+class FrozenInputs(NamedTuple):
+    """A batch's outputs of the frozen parts: the trained role's selection query, the teacher's query (joint
+    schedule, where the teacher trains too) and a frozen teacher's signal. Row i belongs to image i, so a task's
+    worth can be precomputed and indexed (`take`)."""
+
+    query: torch.Tensor
+    teacher_query: torch.Tensor | None = None
+    teacher: TeacherSignal | None = None
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "FrozenInputs":
+        """The same inputs with `fn` applied to every tensor."""
+        teacher = self.teacher
+        if teacher is not None:
+            prompts = None if teacher.prompt_queries is None else {l: fn(q) for l, q in teacher.prompt_queries.items()}
+            teacher = TeacherSignal(fn(teacher.logits), prompts)
+        return FrozenInputs(fn(self.query), None if self.teacher_query is None else fn(self.teacher_query), teacher)
+
+    def take(self, index: torch.Tensor) -> "FrozenInputs":
+        return self.map(lambda x: x[index])
+
+    @staticmethod
+    def concat(parts: list["FrozenInputs"]) -> "FrozenInputs":
+        """Batches' inputs joined in order (a task's worth, for `take`)."""
+        def cat(get: Callable[["FrozenInputs"], torch.Tensor]) -> torch.Tensor:
+            return torch.cat([get(part) for part in parts])
+
+        first, teacher = parts[0], None
+        if first.teacher is not None:
+            prompts = first.teacher.prompt_queries
+            teacher = TeacherSignal(
+                cat(lambda p: p.teacher.logits),
+                None if prompts is None else {l: cat(lambda p, l=l: p.teacher.prompt_queries[l]) for l in prompts},
+            )
+        return FrozenInputs(cat(lambda p: p.query), None if first.teacher_query is None else cat(lambda p: p.teacher_query), teacher)
+
+
+class IndexedDataset(Dataset):
+    """(image, label, position) items, so a batch can be matched with precomputed per-image values."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any, int]:
+        return (*self.dataset[index], index)
+
+
 @dataclass
 class RunState:
     """Accuracy matrices per role and split, filled row by row."""
@@ -125,6 +185,10 @@ class ContinualRun:
                     raise ConfigError(
                         f"teacher {cfg.teacher.preset} and student {cfg.student.preset} differ in {attr}; pick presets with the same input"
                     )
+        if cfg.train.compile:
+            for backbone in (self.student_backbone, self.teacher_backbone):
+                if backbone is not None:
+                    backbone.enable_compile()
         sb = self.student_backbone
         self.stream = stream or build_stream(cfg.data, sb.image_size, sb.mean, sb.std)
         self.teacher_entry: TeacherEntry | None = None
@@ -272,7 +336,7 @@ class ContinualRun:
     def _train_phase(self, role: str, task: TaskSplit) -> None:
         """Train `role` on one task; in the joint schedule the student phase steps the teacher too."""
         t, tc = task.task_id, self.cfg.train
-        joint = role == "student" and self.teacher is not None and self.cfg.distill.schedule == "joint"
+        joint = self._joint(role)
         torch.manual_seed(derive_seed(tc.seed, role, t))
         classes = TaskClasses(past=task.classes[0], seen=task.classes[-1] + 1)
         learners = [self.teacher, self.student] if joint else [self.teacher if role == "teacher" else self.student]
@@ -281,23 +345,97 @@ class ContinualRun:
             model.prompt.begin_task(t)
             model.train()
             optimizers.append(self._optimizer(model))
-        loader = self._loader(task.train, tc.batch_size, shuffle=True, seed=derive_seed(tc.seed, role, t, "loader"))
+        # Without augmentation an image's frozen outputs are the same every epoch: compute them once.
+        cached = self._precompute_frozen(role, task) if not self.cfg.data.train_augment and tc.epochs > 1 else None
+        dataset = IndexedDataset(task.train) if cached is not None else task.train
+        loader = self._loader(dataset, tc.batch_size, shuffle=True, seed=derive_seed(tc.seed, role, t, "loader"))
         for _ in range(tc.epochs):
-            for images, targets in loader:
-                images, targets = images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
-                if role == "teacher":
-                    losses = [self._teacher_loss(images, targets, t, classes)[0]]
-                else:
-                    losses = self._student_losses(images, targets, t, classes, joint)
-                for (optimizer, _), loss in zip(optimizers, losses):
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
+            for batch in loader:
+                images, targets = (x.to(self.device, non_blocking=True) for x in batch[:2])
+                frozen = cached.take(batch[2].to(self.device)) if cached is not None else None
+                self.step(role, images, targets, t, classes, [opt for opt, _ in optimizers], frozen)
             for _, scheduler in optimizers:
                 if scheduler is not None:
                     scheduler.step()
         for model in learners:
             model.eval()
+
+    def step(
+        self, role: str, images: torch.Tensor, targets: torch.Tensor, t: int, classes: TaskClasses,
+        optimizers: list[torch.optim.Optimizer], frozen: FrozenInputs | None = None,
+    ) -> list[torch.Tensor]:
+        """One optimisation step of `role` on a batch (the joint schedule's student step updates its teacher
+        first): `optimizers` in the order of the returned losses (teacher's, then student's)."""
+        losses = self.losses(role, images, targets, t, classes, frozen)
+        for optimizer, loss in zip(optimizers, losses):
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return losses
+
+    def losses(
+        self, role: str, images: torch.Tensor, targets: torch.Tensor, t: int, classes: TaskClasses,
+        frozen: FrozenInputs | None = None,
+    ) -> list[torch.Tensor]:
+        """The training losses of a batch: [teacher's] for the teacher phase, [teacher's, student's] for a joint
+        student step, else [student's]. `frozen`: the batch's precomputed frozen outputs (computed when None)."""
+        if frozen is None:
+            frozen = self.frozen_inputs(role, images, t)
+        with self._autocast():
+            if role == "teacher":
+                return [self._teacher_loss(images, targets, t, classes, frozen.query)[0]]
+            losses, teacher = [], frozen.teacher
+            if self._joint(role):  # v1: the teacher steps on this batch first; the student learns from its (detached) output
+                teacher_loss, teacher_out = self._teacher_loss(images, targets, t, classes, frozen.teacher_query)
+                losses.append(teacher_loss)
+                teacher = self._signal(teacher_out, len(images))
+            prompt_queries = teacher.prompt_queries if teacher is not None else None
+            out = self.student(images, frozen.query, t, train=True, teacher_prompt_queries=prompt_queries)
+            kd = self.student.kd
+            if kd is None:
+                loss = current_task_cross_entropy(out.logits, targets, classes)
+            else:
+                loss = kd.loss(out.features, out.logits, teacher.logits, targets, classes)
+            losses.append(loss + out.prompt_loss)
+        return losses
+
+    def frozen_inputs(self, role: str, images: torch.Tensor, t: int) -> FrozenInputs:
+        """What the frozen parts give a training step of `role` on `images`: one query pass shared by teacher
+        and student (unless query="own"), and a frozen teacher's signal, all without autograd state."""
+        with self._autocast():
+            student_q, teacher_q = self._queries(images)
+        if role == "teacher":
+            return FrozenInputs(teacher_q)
+        if self.teacher is None or self._joint(role):
+            return FrozenInputs(student_q, teacher_q)
+        # The frozen teacher selects its prompts as at inference (DualPrompt: by key, not by task id), as the
+        # official code does and as it will when the student is evaluated.
+        with torch.inference_mode(), self._autocast():
+            signal = self._signal(self.teacher(images, teacher_q, t, train=False), len(images))
+        # Copied out of inference mode: the student's loss saves the signal for its backward pass.
+        return FrozenInputs(student_q, None, signal).map(lambda x: x.to(torch.float32, copy=True))
+
+    def _signal(self, teacher_out: ModelOutput, batch: int) -> TeacherSignal:
+        needs_prompts = self.student.kd is not None and self.student.kd.needs_teacher_prompts
+        prompt_queries = (
+            {l: q.detach() for l, q in teacher_prompt_queries(teacher_out.prefixes, batch).items()} if needs_prompts else None
+        )
+        return TeacherSignal(teacher_out.logits.detach(), prompt_queries)
+
+    def _precompute_frozen(self, role: str, task: TaskSplit) -> FrozenInputs:
+        """Frozen outputs for every training image of `task`, in dataset order."""
+        parts = []
+        for images, _ in self._loader(task.train, self.cfg.train.eval_batch_size, shuffle=False):
+            parts.append(self.frozen_inputs(role, images.to(self.device), task.task_id))
+        return FrozenInputs.concat(parts)
+
+    def _joint(self, role: str) -> bool:
+        return role == "student" and self.teacher is not None and self.cfg.distill.schedule == "joint"
+
+    def _autocast(self) -> AbstractContextManager:
+        if self.cfg.train.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
 
     def _queries(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Selection queries for (student, teacher): one frozen pass when they share the query backbone."""
@@ -307,33 +445,9 @@ class ContinualRun:
         teacher_q = self.teacher_backbone.query(images) if self.cfg.query == "own" else student_q
         return student_q, teacher_q
 
-    def _teacher_loss(self, images, targets, t: int, classes: TaskClasses, query=None):
-        if query is None:
-            query = self._queries(images)[1]
+    def _teacher_loss(self, images, targets, t: int, classes: TaskClasses, query: torch.Tensor):
         out = self.teacher(images, query, t, train=True)
         return current_task_cross_entropy(out.logits, targets, classes) + out.prompt_loss, out
-
-    def _student_losses(self, images, targets, t: int, classes: TaskClasses, joint: bool) -> list[torch.Tensor]:
-        student_q, teacher_q = self._queries(images)
-        losses, teacher_out = [], None
-        if joint:  # v1: the teacher steps on this batch first; the student learns from its (detached) output
-            teacher_loss, teacher_out = self._teacher_loss(images, targets, t, classes, teacher_q)
-            losses.append(teacher_loss)
-        elif self.teacher is not None:
-            with torch.no_grad():
-                teacher_out = self.teacher(images, teacher_q, t, train=True)
-        teacher_logits = teacher_out.logits.detach() if teacher_out is not None else None
-        teacher_prefixes = (
-            {l: (k.detach(), v.detach()) for l, (k, v) in teacher_out.prefixes.items()} if teacher_out is not None else None
-        )
-        out = self.student(images, student_q, t, train=True, teacher_prefixes=teacher_prefixes)
-        kd = self.student.kd
-        if kd is None:
-            loss = current_task_cross_entropy(out.logits, targets, classes)
-        else:
-            loss = kd.loss(out.features, out.logits, teacher_logits, targets, classes)
-        losses.append(loss + out.prompt_loss)
-        return losses
 
     # -- evaluation ---------------------------------------------------------------------------------------
     def _evaluate_splits(self, role: str, t: int) -> dict[str, list[float]]:
@@ -351,12 +465,16 @@ class ContinualRun:
         correct = total = 0
         for images, targets in self._loader(dataset, self.cfg.train.eval_batch_size, shuffle=False):
             images, targets = images.to(self.device), targets.to(self.device)
-            student_q, teacher_q = self._queries(images)
-            if role == "teacher":
-                logits = self.teacher.predict(self.teacher(images, teacher_q, t, train=False))
-            else:
-                prefixes = self.teacher(images, teacher_q, t, train=False).prefixes if needs_teacher else None
-                logits = self.student.predict(self.student(images, student_q, t, train=False, teacher_prefixes=prefixes))
+            with self._autocast():
+                student_q, teacher_q = self._queries(images)
+                if role == "teacher":
+                    logits = self.teacher.predict(self.teacher(images, teacher_q, t, train=False))
+                else:
+                    prompts = (
+                        teacher_prompt_queries(self.teacher(images, teacher_q, t, train=False).prefixes, len(images))
+                        if needs_teacher else None
+                    )
+                    logits = self.student.predict(self.student(images, student_q, t, train=False, teacher_prompt_queries=prompts))
             correct += (logits[:, :seen].argmax(dim=1) == targets).sum().item()
             total += len(targets)
         return 100.0 * correct / max(total, 1)

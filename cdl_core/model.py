@@ -28,12 +28,12 @@ class ContinualModel(nn.Module):
 
     def forward(
         self, images: torch.Tensor, query: torch.Tensor, task_id: int, train: bool,
-        teacher_prefixes: dict[int, Prefix] | None = None,
+        teacher_prompt_queries: dict[int, torch.Tensor] | None = None,
     ) -> ModelOutput:
         own = self.prompt(query, task_id, train)
         prefixes = dict(own.prefixes)
-        if self.kd is not None and teacher_prefixes is not None:
-            for layer, (key, value) in self.kd.extra_prefixes(teacher_prefixes).items():
+        if self.kd is not None and teacher_prompt_queries is not None:
+            for layer, (key, value) in self.kd.extra_prefixes(teacher_prompt_queries).items():
                 if layer in prefixes:  # student's own prompt tokens, then the mapped teacher prompt tokens
                     own_key, own_value = prefixes[layer]
                     batch = len(images)

@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: autocast forward passes to bfloat16 (opt-in, for GPUs; default fp32)")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the backbone passes (opt-in, for GPUs)")
     p.add_argument("--schedule", choices=["sequential", "joint"], help="teacher/student schedule (default sequential)")
     p.add_argument("--query", choices=["student", "own"], help="query backbone (default student, as the official CDL code)")
     p.add_argument("--alpha", type=float, help="KD weight a (default 0.5)")
@@ -77,7 +79,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         ("dataset", data, "name"), ("data_root", data, "root"), ("download", data, "download"), ("n_tasks", data, "n_tasks"),
         ("train_per_class", data, "train_per_class"), ("test_per_class", data, "test_per_class"),
         ("class_order", data, "class_order"), ("epochs", train, "epochs"), ("batch_size", train, "batch_size"),
-        ("lr", train, "lr"), ("seed", train, "seed"), ("device", train, "device"), ("schedule", distill, "schedule"),
+        ("lr", train, "lr"), ("seed", train, "seed"), ("device", train, "device"), ("precision", train, "precision"),
+        ("compile", train, "compile"), ("schedule", distill, "schedule"),
         ("alpha", distill, "alpha"), ("temperature", distill, "temperature"), ("query", raw, "query"),
     ]:
         value = getattr(args, flag)

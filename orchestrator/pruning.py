@@ -30,18 +30,21 @@ class CellStudies:
         self.space = space
         self.sweep = sweep
         self.storage_url = storage_url
+        self._storage: optuna.storages.BaseStorage | None = None  # one engine and cache for every cell's study
         self._studies: dict[str, optuna.Study] = {}
 
     def __getstate__(self) -> dict[str, Any]:  # Tune pickles searchers; database engines do not pickle
-        return self.__dict__ | {"_studies": {}}
+        return self.__dict__ | {"_storage": None, "_studies": {}}
 
     def name(self, cell: Cell) -> str:
         return f"{self.sweep}/{cell.key}"
 
     def study(self, cell: Cell) -> optuna.Study:
         if cell.key not in self._studies:
+            if self._storage is None:
+                self._storage = optuna.storages.get_storage(self.storage_url)
             study = optuna.create_study(
-                study_name=self.name(cell), storage=self.storage_url, direction="maximize", load_if_exists=True,
+                study_name=self.name(cell), storage=self._storage, direction="maximize", load_if_exists=True,
                 sampler=optuna.samplers.TPESampler(seed=self.space.sampler_seed), pruner=self.space.build_pruner(),
             )
             if study.trials:  # a resumed driver: a sampler seeded as before would replay the settings already tried
@@ -121,14 +124,13 @@ class PerCellOptunaSearch(Searcher):
             return
         key, number = self.assigned[trial_id]
         study = self.studies.study(self.cells[key])
-        if study.trials[number].state.is_finished():  # already told (e.g. before a driver restart)
-            return
+        # skip_if_finished: already told before a driver restart (and no read of the whole study to find out)
         if trial_id in self.pruned:
-            study.tell(number, state=optuna.trial.TrialState.PRUNED)
+            study.tell(number, state=optuna.trial.TrialState.PRUNED, skip_if_finished=True)
         elif error or not result or self.metric not in result:
-            study.tell(number, state=optuna.trial.TrialState.FAIL)
+            study.tell(number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
         else:
-            study.tell(number, result[self.metric])
+            study.tell(number, result[self.metric], skip_if_finished=True)
         self._live.pop(trial_id, None)
 
     def save(self, checkpoint_path: str) -> None:

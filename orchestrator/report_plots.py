@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from orchestrator.report import best_per_cell, load_task_metrics  # noqa: E402
-from orchestrator.tracking import save_matrix_artifacts  # noqa: E402
+from orchestrator.artifacts import save_matrix_artifacts  # noqa: E402
 
 
 def accuracy_matrix(tasks: pd.DataFrame) -> list[list[float]]:

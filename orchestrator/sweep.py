@@ -13,6 +13,7 @@ import os
 import sys
 import urllib.parse
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,7 +193,9 @@ def teacher_store_location(args: argparse.Namespace) -> str:
     return f"{storage_location(args).rstrip('/')}/teachers"
 
 
-def run_sweep(space: SweepSpace, plan: Plan, args: argparse.Namespace) -> int:
+def run_sweep(space: SweepSpace, plan: Plan, args: argparse.Namespace, trainable: Callable[..., None] | None = None) -> int:
+    """Run the planned trials. `trainable` replaces `train_cdl` (the benchmark of the sweep's own overhead runs a
+    no-op); it is called like train_cdl, with the trial's config and `teachers=`."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # use the reporter below (the new output ignores it)
     # With one checkpoint kept per trial, Tune snapshots the experiment state at every trial checkpoint, so a
     # killed driver resumes from each trial's latest task. That is wanted here; Tune's warning about it is noise.
@@ -201,9 +204,13 @@ def run_sweep(space: SweepSpace, plan: Plan, args: argparse.Namespace) -> int:
     # retries it), instead of MLflow's own retries holding it for minutes.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    # MLflow is the sweep's metrics store: of Tune's own loggers keep the JSON and CSV results (resume, the
+    # fallback when MLflow is down), not TensorBoard event files, which cost the driver time at every report.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     import ray
     from optuna.trial import TrialState
     from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     from orchestrator.pruning import CellStudies, OptunaPruningScheduler, PerCellOptunaSearch
     from orchestrator.progress import SweepProgress
@@ -219,7 +226,9 @@ def run_sweep(space: SweepSpace, plan: Plan, args: argparse.Namespace) -> int:
     teacher_store = None if args.no_teacher_reuse else teacher_store_location(args)
     experiment_path = f"{storage.rstrip('/')}/{sweep}"
 
-    ray.init(address=args.address, include_dashboard=False, log_to_driver=True)
+    own_ray = not ray.is_initialized()  # a caller that already started Ray (a benchmark, a notebook) keeps it
+    if own_ray:
+        ray.init(address=args.address, include_dashboard=False, log_to_driver=True)
     try:
         check_resources(space, ray.cluster_resources())
         check_tracking(tracking_uri)
@@ -228,13 +237,13 @@ def run_sweep(space: SweepSpace, plan: Plan, args: argparse.Namespace) -> int:
         if teacher_store is not None:
             sharing = TeacherSharing(teacher_store, f"cdl-teacher-leases:{sweep}")
             leases = start_lease_actor(sharing.lease_actor)  # noqa: F841 (held: the actor lives while the driver references it)
-        trainable = tune.with_resources(
-            tune.with_parameters(train_cdl, teachers=sharing), {"cpu": space.cpus_per_trial, "gpu": space.gpus_per_trial}
+        resourced = tune.with_resources(
+            tune.with_parameters(trainable or train_cdl, teachers=sharing), {"cpu": space.cpus_per_trial, "gpu": space.gpus_per_trial}
         )
         if args.resume:
             if not tune.Tuner.can_restore(experiment_path):
                 raise SweepError(f"nothing to resume at {experiment_path}; start the sweep without --resume")
-            tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=True)
+            tuner = tune.Tuner.restore(experiment_path, resourced, resume_unfinished=True, resume_errored=True)
         else:
             if tune.Tuner.can_restore(experiment_path):
                 raise SweepError(f"sweep {sweep!r} already exists at {experiment_path}; continue it with --resume or pick another --name")
@@ -243,14 +252,15 @@ def run_sweep(space: SweepSpace, plan: Plan, args: argparse.Namespace) -> int:
                             "pruner": space.pruner, "pruner_args": space.pruner_args, "optuna_storage": optuna_url,
                             "teacher_store": teacher_store or "none (no reuse)"}
             tuner = tune.Tuner(
-                trainable,
+                resourced,
                 tune_config=tune.TuneConfig(
                     search_alg=searcher, scheduler=OptunaPruningScheduler(searcher), num_samples=plan.total_trials,
                     max_concurrent_trials=args.max_concurrent or None,
                 ),
                 run_config=tune.RunConfig(
                     name=sweep, storage_path=storage,
-                    callbacks=[MlflowTracking(tracking_uri, experiment, sweep, sweep_params, flush_timeout=args.mlflow_wait)],
+                    callbacks=[MlflowTracking(tracking_uri, experiment, sweep, sweep_params, flush_timeout=args.mlflow_wait),
+                               JsonLoggerCallback(), CSVLoggerCallback()],
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                     failure_config=tune.FailureConfig(max_failures=args.max_failures),
                     progress_reporter=SweepProgress(space.metric), verbose=1,
@@ -258,7 +268,8 @@ def run_sweep(space: SweepSpace, plan: Plan, args: argparse.Namespace) -> int:
             )
         grid = tuner.fit()
     finally:
-        ray.shutdown()
+        if own_ray:
+            ray.shutdown()
     # Statuses from Optuna, where the searcher told every outcome: Tune marks a trial that an interrupt (Ctrl-C)
     # stopped TERMINATED, just like a pruned one.
     studies = CellStudies(space, sweep, optuna_url)

@@ -28,15 +28,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import matplotlib
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from ray.tune import Callback
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from mlflow.entities import Metric, Param  # noqa: E402
-from mlflow.exceptions import MlflowException  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME  # noqa: E402
-from ray.tune import Callback  # noqa: E402
+from orchestrator.artifacts import ARTIFACT_FILES, save_matrix_artifacts
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
     out = {}
@@ -54,34 +52,6 @@ def trial_status(last_result: dict[str, Any] | None) -> str:
     if not last_result or "task" not in last_result:
         return "failed"
     return "completed" if last_result["task"] >= last_result["n_tasks"] else "pruned"
-
-
-def save_matrix_artifacts(matrix: list[list[float]], directory: Path, title: str) -> list[Path]:
-    """The accuracy matrix as CSV and heatmap, and the average accuracy after each task as a curve."""
-    n = len(matrix)
-    csv = directory / "accuracy_matrix.csv"
-    csv.write_text("after_task," + ",".join(f"task{j + 1}" for j in range(n)) + "\n" + "\n".join(
-        f"{t + 1}," + ",".join(f"{row[j]:.2f}" if j < len(row) else "" for j in range(n)) for t, row in enumerate(matrix)
-    ) + "\n")
-    grid = [[row[j] if j < len(row) else float("nan") for j in range(n)] for row in matrix]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * n, 1.0 + 0.5 * n))
-    image = ax.imshow(grid, vmin=0, vmax=100, cmap="viridis")
-    ax.set_xlabel("evaluated task"), ax.set_ylabel("after training task"), ax.set_title(title, fontsize=8)
-    ax.set_xticks(range(n), [str(j + 1) for j in range(n)]), ax.set_yticks(range(n), [str(t + 1) for t in range(n)])
-    for t, row in enumerate(matrix):
-        for j, value in enumerate(row):
-            ax.text(j, t, f"{value:.0f}", ha="center", va="center", color="white" if value < 60 else "black", fontsize=7)
-    fig.colorbar(image, ax=ax, label="accuracy (%)")
-    heatmap = directory / "accuracy_matrix.png"
-    fig.savefig(heatmap, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(4, 3))
-    ax.plot(range(1, n + 1), [sum(row) / len(row) for row in matrix], marker="o")
-    ax.set_xlabel("tasks learned"), ax.set_ylabel("average accuracy (%)"), ax.set_ylim(0, 100), ax.set_title(title, fontsize=8)
-    curve = directory / "accuracy_curve.png"
-    fig.savefig(curve, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return [csv, heatmap, curve]
 
 
 log = logging.getLogger(__name__)
@@ -167,7 +137,8 @@ def _snapshot(trial, with_last_result: bool = True) -> SimpleNamespace:
     """What the writes need of a Tune trial, copied now: the trial object keeps changing while writes wait.
     A result's own write gets the result itself, so it skips copying the trial's last result again."""
     last = copy.deepcopy(trial.last_result) if with_last_result else None
-    return SimpleNamespace(trial_id=trial.trial_id, config=trial.config, status=trial.status, last_result=last)
+    checkpoint = trial.checkpoint if with_last_result else None  # its latest task's, with the trial's artifacts
+    return SimpleNamespace(trial_id=trial.trial_id, config=trial.config, status=trial.status, last_result=last, checkpoint=checkpoint)
 
 
 def _numeric(result: dict) -> dict[str, float]:
@@ -177,6 +148,18 @@ def _numeric(result: dict) -> dict[str, float]:
         if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("task", "n_tasks", "timestamp", "pid")
         and not k.startswith(("time_", "timesteps_", "episodes_", "iterations_", "training_iteration", "done"))
     }
+
+
+def copy_artifacts(checkpoint, directory: Path) -> None:
+    """The accuracy artifacts the trial saved with its latest checkpoint (on any storage Tune uses) into `directory`."""
+    if checkpoint is None:
+        return
+    for name in ARTIFACT_FILES:
+        try:
+            with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{name}") as stream:
+                (directory / name).write_bytes(stream.read())
+        except FileNotFoundError:  # a trial that stopped before its first task
+            continue
 
 
 class MlflowTracking(Callback):
@@ -380,10 +363,8 @@ class MlflowTracking(Callback):
         with tempfile.TemporaryDirectory() as tmp:
             directory = Path(tmp)
             (directory / "config.json").write_text(json.dumps(trial.config["run"], indent=1))
-            self.client.log_artifact(run_id, str(directory / "config.json"))
-            if "test_matrix" in last:
-                for path in save_matrix_artifacts(json.loads(last["test_matrix"]), directory, trial.config["cell"]):
-                    self.client.log_artifact(run_id, str(path))
+            copy_artifacts(trial.checkpoint, directory)
+            self.client.log_artifacts(run_id, str(directory))
         self.client.set_tag(run_id, "status", status)
         if status == "pruned":
             self.client.set_tag(run_id, "pruned_after_task", str(last["task"]))

@@ -3,7 +3,7 @@
 Thin on purpose: it validates the trial's RunConfig dict, resumes from the last task checkpoint if Tune
 restarted the trial, and after every task reports the metrics and saves a checkpoint (Tune keeps one). A
 sequential-schedule teacher comes from the sweep's teacher store (trained by the first trial that needs it);
-trial checkpoints then hold only the student.
+trial checkpoints then hold only the student, and the accuracy artifacts the driver copies into MLflow.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from ray import tune
 from cdl_core import metrics
 from cdl_core.config import RunConfig
 from cdl_core.learner import ContinualRun, TaskReport
+from orchestrator.artifacts import save_matrix_artifacts
 from orchestrator.teachers import TeacherSharing
 
 STATE_FILE = "run_state.pt"
@@ -67,4 +68,5 @@ def train_cdl(config: dict[str, Any], teachers: TeacherSharing | None = None) ->
         report = run.run_task()
         with tempfile.TemporaryDirectory() as directory:
             torch.save(run.state_dict(), Path(directory) / STATE_FILE)
+            save_matrix_artifacts(run.state.matrices["student"]["test"], Path(directory), config["cell"])
             tune.report(task_metrics(run, report) | {"node_id": node_id}, checkpoint=tune.Checkpoint.from_directory(directory))

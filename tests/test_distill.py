@@ -13,7 +13,7 @@ from cdl_core.distill.dkd import DecoupledKD
 from cdl_core.distill.kd import LogitKD
 from cdl_core.distill.losses import decoupled_kd, logit_kd
 from cdl_core.distill.none import NoDistillation
-from cdl_core.distill.prompt_mapping import PromptMapping
+from cdl_core.distill.prompt_mapping import PromptMapping, teacher_prompt_queries
 from cdl_core.learner import ContinualRun
 from cdl_core.model import ContinualModel
 from cdl_core.prompts import build_prompt_method
@@ -24,6 +24,11 @@ from cdl_core.prompts.l2p import L2PParams
 
 # -- small references -------------------------------------------------------------------------------------
 
+
+
+def map_prompts(mapping, prefixes):
+    """The mapping applied to a teacher's prompts (what the student does with a teacher's output)."""
+    return mapping(teacher_prompt_queries(prefixes, max(len(k) for k, _ in prefixes.values())))
 
 def ref_softmax(x: torch.Tensor) -> torch.Tensor:
     e = torch.exp(x - x.max(dim=1, keepdim=True).values)
@@ -114,7 +119,7 @@ def test_prompt_mapping_matches_reference_shapes_and_values():
             for p in store.values():
                 p.add_(0.3 * torch.randn_like(p))
     prefixes = _mapping_inputs()
-    out = mapping(prefixes)
+    out = map_prompts(mapping, prefixes)
     ref = ref_mapping(
         prefixes, {l: mapping.keys[str(l)] for l in layers}, {l: mapping.attention[str(l)] for l in layers},
         {l: mapping.components[str(l)] for l in layers}, active,
@@ -141,7 +146,7 @@ def test_prompt_mapping_gradients_match_reference_and_teacher_prefix_gets_none()
     def weighted(out):
         return sum((out[l][0] * weights[l][0]).sum() + (out[l][1] * weights[l][1]).sum() for l in layers)
 
-    weighted(mapping(prefixes)).backward()
+    weighted(map_prompts(mapping, prefixes)).backward()
     weighted(ref_mapping(prefixes, ref_params["keys"], ref_params["attention"], ref_params["components"], active)).backward()
     for name, store in (("keys", mapping.keys), ("attention", mapping.attention), ("components", mapping.components)):
         for l in layers:
@@ -374,18 +379,18 @@ def test_cdl_prompt_active_components_default_and_override_decide_which_componen
     default = build_kd_method(DistillConfig("cdl_prompt"), ctx)
     assert default.mapping.active == 5  # M // n_tasks
     prefixes = {0: (torch.randn(2, 2, 12), torch.randn(2, 2, 12))}
-    before = default.mapping(prefixes)[0][0].detach().clone()
+    before = map_prompts(default.mapping, prefixes)[0][0].detach().clone()
     with torch.no_grad():
         default.mapping.components["0"][5:] += 10.0  # beyond the active ones: no effect
-    torch.testing.assert_close(default.mapping(prefixes)[0][0], before)
+    torch.testing.assert_close(map_prompts(default.mapping, prefixes)[0][0], before)
     with torch.no_grad():
         default.mapping.components["0"][4] += 10.0  # the last active one: changes the prompt
-    assert not torch.allclose(default.mapping(prefixes)[0][0], before)
+    assert not torch.allclose(map_prompts(default.mapping, prefixes)[0][0], before)
 
     custom = build_kd_method(DistillConfig("cdl_prompt", params={"active_components": 7, "components": 9, "length": 6}), ctx)
     assert custom.resolved == {"components": 9, "length": 6, "active_components": 7}
     assert custom.mapping.active == 7
-    assert custom.mapping(prefixes)[0][0].shape == (2, 3, 8)
+    assert map_prompts(custom.mapping, prefixes)[0][0].shape == (2, 3, 8)
     with pytest.raises(ConfigError, match="exceeds"):
         build_kd_method(DistillConfig("cdl_prompt", params={"active_components": 30}), ctx)
 
@@ -430,16 +435,16 @@ def test_student_prepends_mapped_prompts_at_every_teacher_prompt_layer(method, m
     forward = run.student.backbone.forward
 
     def spy(imgs, prefixes=None):
-        captured.update(prefixes)
+        captured.update(prefixes or {})
         return forward(imgs, prefixes)
 
     monkeypatch.setattr(run.student.backbone, "forward", spy)
     with torch.no_grad():
         student_q, teacher_q = run._queries(images)
         teacher_prefixes = run.teacher(images, teacher_q, 0, train=False).prefixes
-        out = run.student(images, student_q, 0, train=False, teacher_prefixes=teacher_prefixes)
+        out = run.student(images, student_q, 0, train=False, teacher_prompt_queries=teacher_prompt_queries(teacher_prefixes, 4))
         own = run.student.prompt(student_q, 0, False).prefixes
-        mapped = run.student.kd.mapping(teacher_prefixes)
+        mapped = map_prompts(run.student.kd.mapping, teacher_prefixes)
     d_s = run.student_backbone.embed_dim
     assert set(captured) == set(OWN_TOKENS[method]) == set(run.teacher.prompt.layers)
     for layer, n_own in OWN_TOKENS[method].items():
@@ -465,13 +470,13 @@ def test_student_takes_mapped_prompts_at_teacher_layers_it_has_no_prompt_of_its_
     model = ContinualModel(backbone, prompt, 6, kd)
     captured = {}
     forward = backbone.forward
-    backbone.forward = lambda imgs, prefixes=None: captured.update(prefixes) or forward(imgs, prefixes)
+    backbone.forward = lambda imgs, prefixes=None: captured.update(prefixes or {}) or forward(imgs, prefixes)
     images = torch.randn(2, 3, 32, 32)
     teacher_prefixes = {l: (torch.randn(2, 1, 16), torch.randn(2, 1, 16)) for l in (0, 3)}
-    model(images, backbone.query(images), 0, train=False, teacher_prefixes=teacher_prefixes)
+    model(images, backbone.query(images), 0, train=False, teacher_prompt_queries=teacher_prompt_queries(teacher_prefixes, 2))
     assert set(captured) == {0, 3}
     assert captured[0][0].shape == (2, 1 + 1, 64)  # own 1 key token + mapped L_m/2 = 1 (L_m = 2)
-    torch.testing.assert_close(captured[3][0], kd.mapping(teacher_prefixes)[3][0])
+    torch.testing.assert_close(captured[3][0], map_prompts(kd.mapping, teacher_prefixes)[3][0])
 
 
 def test_student_accuracy_uses_teacher_prompts_and_the_mean_of_both_heads(monkeypatch):
@@ -489,9 +494,9 @@ def test_student_accuracy_uses_teacher_prompts_and_the_mean_of_both_heads(monkey
     calls = []
     mapping_forward = run.student.kd.mapping.forward
 
-    def spy(teacher_prefixes):
-        calls.append(sorted(teacher_prefixes))
-        return mapping_forward(teacher_prefixes)
+    def spy(prompt_queries):
+        calls.append(sorted(prompt_queries))
+        return mapping_forward(prompt_queries)
 
     monkeypatch.setattr(run.student.kd.mapping, "forward", spy)
     images = torch.stack([run.stream.tasks[0].test[i][0] for i in range(4)])

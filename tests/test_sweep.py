@@ -16,7 +16,8 @@ from orchestrator import sweep
 from orchestrator.pruning import CellStudies, OptunaPruningScheduler, PerCellOptunaSearch
 from orchestrator.space import SpaceError, SweepSpace, available_spaces, load_space
 from orchestrator.sweep import SweepError, check_resources, main, make_plan
-from orchestrator.tracking import flatten, save_matrix_artifacts, trial_status
+from orchestrator.artifacts import save_matrix_artifacts
+from orchestrator.tracking import flatten, trial_status
 from search_spaces import full, paper, smoke
 
 pytestmark = pytest.mark.usefixtures("forbid_demo_pretraining")

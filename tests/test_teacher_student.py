@@ -68,7 +68,7 @@ def test_student_step_gradients_reach_only_student_prompts_heads_and_mapping(kd)
     images, targets, classes = first_batch(run)
     teacher_before, student_before = snapshot(run.teacher), snapshot(run.student)
 
-    losses = run._student_losses(images, targets, 0, classes, joint=False)
+    losses = run.losses("student", images, targets, 0, classes)
     assert len(losses) == 1
     losses[0].backward()
 
@@ -116,14 +116,14 @@ def test_joint_schedule_trains_teacher_but_not_from_student_loss():
         model.prompt.begin_task(0)
         model.train()
     images, targets, classes = first_batch(run)
-    teacher_loss, student_loss = run._student_losses(images, targets, 0, classes, joint=True)
+    teacher_loss, student_loss = run.losses("student", images, targets, 0, classes)
     teacher_params = [p for p in run.teacher.parameters() if p.requires_grad]
     from_student = torch.autograd.grad(student_loss, teacher_params, allow_unused=True, retain_graph=True)
     assert all(g is None or g.abs().sum() == 0 for g in from_student)
     from_teacher = torch.autograd.grad(teacher_loss, teacher_params, allow_unused=True)
     assert sum(g.abs().sum().item() for g in from_teacher if g is not None) > 0
     # the teacher's loss is its own CE + prompt loss, whatever the student does
-    alone, _ = run._teacher_loss(images, targets, 0, classes)
+    (alone,) = run.losses("teacher", images, targets, 0, classes)
     torch.testing.assert_close(teacher_loss, alone)
 
     run = ContinualRun(make_cfg("coda", "cdl_prompt", schedule="joint"))

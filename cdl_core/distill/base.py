@@ -36,7 +36,8 @@ class TaskClasses:
 class KDMethod(nn.Module):
     """Distillation from a frozen (or jointly trained) teacher into the student.
 
-    The student calls `extra_prefixes` to get prompts derived from the teacher's, `predict` to turn its
+    The student calls `extra_prefixes` to get prompts derived from the teacher's (given as their per-layer
+    `teacher_prompt_queries`, which is all a mapping needs and what a step can cache), `predict` to turn its
     features/head logits into predictions, and `loss` for its training loss (without the prompt loss).
     """
 
@@ -68,7 +69,7 @@ class KDMethod(nn.Module):
     def check_params(cls, params: Any) -> None:
         """Method-specific checks; raise ConfigError."""
 
-    def extra_prefixes(self, teacher_prefixes: dict[int, Prefix]) -> dict[int, Prefix]:
+    def extra_prefixes(self, teacher_prompt_queries: dict[int, torch.Tensor]) -> dict[int, Prefix]:
         return {}
 
     def predict(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

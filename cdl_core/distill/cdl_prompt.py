@@ -47,8 +47,8 @@ class CDLPrompt(KDMethod):
         self.mapping = PromptMapping(ctx.teacher_prompt_layers, ctx.teacher_dim, ctx.student_dim, components, length, active)
         self.kd_head = nn.Linear(ctx.student_dim, ctx.n_classes)
 
-    def extra_prefixes(self, teacher_prefixes: dict[int, Prefix]) -> dict[int, Prefix]:
-        return self.mapping(teacher_prefixes)
+    def extra_prefixes(self, teacher_prompt_queries: dict[int, torch.Tensor]) -> dict[int, Prefix]:
+        return self.mapping(teacher_prompt_queries)
 
     def predict(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         return (logits + self.kd_head(features)) / 2

@@ -15,6 +15,16 @@ from cdl_core.prompts.coda import attend_components
 from cdl_core.prompts.orthogonal import orthonormal_extension
 
 
+def teacher_prompt_queries(teacher_prefixes: dict[int, Prefix], batch: int) -> dict[int, torch.Tensor]:
+    """q_t per layer: the mean over the teacher's key and value prompt tokens (B x D_t). All the mapping needs
+    from the teacher's prompts, so this (not the prompts) is what a student step receives or caches."""
+    queries = {}
+    for layer, (key, value) in teacher_prefixes.items():
+        tokens = key.shape[1] + value.shape[1]
+        queries[layer] = ((key.sum(dim=1) + value.sum(dim=1)) / tokens).expand(batch, -1)
+    return queries
+
+
 class PromptMapping(nn.Module):
     def __init__(self, layers: tuple[int, ...], teacher_dim: int, student_dim: int, components: int, length: int, active: int) -> None:
         super().__init__()
@@ -30,13 +40,10 @@ class PromptMapping(nn.Module):
                 for param in store.values():
                     param[:active] = orthonormal_extension(param[:0], active)
 
-    def forward(self, teacher_prefixes: dict[int, Prefix]) -> dict[int, Prefix]:
+    def forward(self, prompt_queries: dict[int, torch.Tensor]) -> dict[int, Prefix]:
+        """`prompt_queries`: `teacher_prompt_queries` of the teacher's prompts (no gradient flows into them)."""
         mapped = {}
         for layer in self.layers:
-            key, value = teacher_prefixes[layer]
-            batch = max(len(key), len(value))
-            tokens = torch.cat((key.expand(batch, -1, -1), value.expand(batch, -1, -1)), dim=1)
-            query = tokens.detach().mean(dim=1)  # B x D_t
             k, a, p = (store[str(layer)][: self.active] for store in (self.keys, self.attention, self.components))
-            mapped[layer] = split_prefix(attend_components(query, k, a, p))
+            mapped[layer] = split_prefix(attend_components(prompt_queries[layer].detach(), k, a, p))
         return mapped

@@ -1,0 +1,77 @@
+"""The official-style reference step in bench/ and the step benchmark built on it: the reference computes the
+product's math (same loss and gradients), its check can fail, the product never imports it, and the
+benchmark runs end to end."""
+from __future__ import annotations
+
+import ast
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+reference_step = importlib.import_module("reference_step")
+step_throughput = importlib.import_module("step_throughput")
+
+TINY = ["--batch-size", "6", "--steps", "1", "--repeats", "1"]
+
+
+@pytest.mark.parametrize("method", ["coda", "l2p", "dualprompt"])
+def test_reference_gives_the_product_loss_and_gradients(method):
+    run, images, targets, classes = step_throughput.build(step_throughput.parse_args(TINY), method)
+    assert classes.past > 0  # a later task: past classes masked, earlier CODA components frozen
+    reference = reference_step.OfficialStyleStep(run)
+    largest = reference_step.check_same_step(run, reference, images, targets, step_throughput.TASK, classes)
+    assert largest < 1e-5
+    # the reference really computes weight gradients for its (unfrozen) backbones, the product none
+    assert any(p.grad is not None for p in reference.student.backbone.parameters())
+    assert all(p.grad is None for p in run.student.backbone.parameters())
+
+
+def test_the_check_fails_when_the_math_differs():
+    run, images, targets, classes = step_throughput.build(step_throughput.parse_args(TINY), "coda")
+    reference = reference_step.OfficialStyleStep(run)
+    with torch.no_grad():
+        reference.student.kd.mapping.components[str(run.teacher.prompt.layers[-1])].add_(0.1)
+    with pytest.raises(AssertionError):
+        reference_step.check_same_step(run, reference, images, targets, step_throughput.TASK, classes)
+
+
+def test_reference_works_on_copies_and_leaves_the_product_models_alone():
+    run, images, targets, classes = step_throughput.build(step_throughput.parse_args(TINY), "l2p")
+    before = {k: v.clone() for k, v in run.student.state_dict().items()}
+    reference = reference_step.OfficialStyleStep(run)
+    reference.step(images, targets, step_throughput.TASK, classes, reference.optimizer())
+    assert all(torch.equal(before[k], v) for k, v in run.student.state_dict().items())
+    assert all(not p.requires_grad for p in run.student_backbone.parameters())
+
+
+def test_product_never_imports_bench_code():
+    for package in ("cdl_core", "orchestrator"):
+        for path in (ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                for name in names:
+                    assert not name.startswith(("bench", "reference_step", "step_throughput")), f"{path} imports {name}"
+
+
+def test_step_benchmark_prints_both_rates_and_their_ratio(capsys):
+    rows = step_throughput.main(TINY + ["--methods", "dualprompt", "--no-memory"])
+    assert [row["method"] for row in rows] == ["dualprompt"]
+    row = rows[0]
+    assert row["ours"] > 0 and row["reference"] > 0 and row["ours_cached"] > 0
+    assert row["ratio"] == pytest.approx(row["ours"] / row["reference"])  # one repeat: the median is that ratio
+    out = capsys.readouterr().out
+    assert "demo-t -> demo-s" in out and f"{row['ratio']:.2f}x" in out
+
+
+@pytest.mark.slow
+def test_step_memory_is_measured_in_a_fresh_process():
+    args = step_throughput.parse_args(TINY + ["--threads", "1"])
+    ours = step_throughput.peak_step_mib(args, "coda", "ours")
+    reference = step_throughput.peak_step_mib(args, "coda", "reference")
+    assert 0 < ours < 2000 and 0 < reference < 2000
