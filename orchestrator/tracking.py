@@ -2,7 +2,8 @@
 
 One experiment per sweep, one parent run for the sweep, one child run per trial (named after its cell and
 Optuna trial) with the whole config as params, cell/status tags, per-task metrics with step = task, and
-artifacts (resolved config, accuracy matrix as CSV and heatmap, accuracy curve). A stored teacher, shared by
+artifacts (resolved config; accuracy matrix as CSV and heatmap and accuracy curve, drawn by the trial itself and
+copied from its last checkpoint). A stored teacher, shared by
 many trials, gets one teacher run (role=teacher, tagged with its teacher_key) holding its metrics once; each
 trial using it carries the teacher_key and teacher_run_id tags. Only the driver writes, so concurrent trials
 never contend for the default sqlite store; on resume, runs are found again by tag and steps already logged
