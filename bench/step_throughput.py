@@ -63,11 +63,13 @@ def build(args: argparse.Namespace, method: str) -> tuple[ContinualRun, torch.Te
 IMPLS = ("ours", "ours_cached", "reference")
 
 
-def make_step(run: ContinualRun, impl: str, images: torch.Tensor, targets: torch.Tensor, classes: TaskClasses):
+def make_step(run: ContinualRun, impl: str, images: torch.Tensor, targets: torch.Tensor, classes: TaskClasses,
+              reference: OfficialStyleStep | None = None):
     """A function doing one training step of `impl`: the product's step, the product's step with the batch's
-    frozen outputs precomputed (from the second epoch on without augmentation), or the official-style one."""
+    frozen outputs precomputed (from the second epoch on without augmentation), or the official-style one
+    (`reference`, built from `run` when not given)."""
     if impl == "reference":
-        reference = OfficialStyleStep(run)
+        reference = reference or OfficialStyleStep(run)
         optimizer = reference.optimizer()
         return lambda: reference.step(images, targets, TASK, classes, optimizer)
     optimizer, _ = run._optimizer(run.student)
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         reference = OfficialStyleStep(run)
         if args.precision == "fp32":  # bf16 changes the last bits by design; the math was checked in fp32
             check_same_step(run, reference, images, targets, TASK, classes)
-        steps = {impl: make_step(run, impl, images, targets, classes) for impl in IMPLS}
+        steps = {impl: make_step(run, impl, images, targets, classes, reference) for impl in IMPLS}
         for step in steps.values():  # warm-up (and compilation)
             step()
         rates: dict[str, list[float]] = {name: [] for name in steps}

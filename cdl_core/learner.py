@@ -416,10 +416,9 @@ class ContinualRun:
         return FrozenInputs(student_q, None, signal).map(lambda x: x.to(torch.float32, copy=True))
 
     def _signal(self, teacher_out: ModelOutput, batch: int) -> TeacherSignal:
+        # The prompt queries need no detach here: the mapping detaches what it reads.
         needs_prompts = self.student.kd is not None and self.student.kd.needs_teacher_prompts
-        prompt_queries = (
-            {l: q.detach() for l, q in teacher_prompt_queries(teacher_out.prefixes, batch).items()} if needs_prompts else None
-        )
+        prompt_queries = teacher_prompt_queries(teacher_out.prefixes, batch) if needs_prompts else None
         return TeacherSignal(teacher_out.logits.detach(), prompt_queries)
 
     def _precompute_frozen(self, role: str, task: TaskSplit) -> FrozenInputs:
