@@ -225,8 +225,11 @@ class MlflowTracking(Callback):
             f"tags.sweep = '{self.sweep}' and tags.optuna_study = '{trial.config['optuna_study']}' "
             f"and tags.optuna_trial = '{trial.config['optuna_trial']}'", max_results=1,
         )
+        config = trial.config
+        params = flatten(config["run"]) | {f"tuned.{k}": str(v) for k, v in config["tuned"].items()}
         if found:  # resumed sweep or restarted trial: keep logging into the same run
             run_id = found[0].info.run_id
+            self._log_missing_params(found[0], params)
             history = self.client.get_metric_history(run_id, "val_avg_acc")
             self._logged_steps[run_id] = {m.step for m in history}
             if found[0].info.status == "FINISHED":
@@ -238,7 +241,6 @@ class MlflowTracking(Callback):
             if found[0].data.tags.get("tune_trial_id") != trial.trial_id:
                 self.client.set_tag(run_id, "tune_trial_id", trial.trial_id)
         else:
-            config = trial.config
             run_cfg = config["run"]
             cell = config["cell"]
             name = f"{cell}#{config['optuna_trial']}"
@@ -250,10 +252,17 @@ class MlflowTracking(Callback):
                 "seed": str(run_cfg["train"]["seed"]), "optuna_study": config["optuna_study"], "optuna_trial": str(config["optuna_trial"]),
             }
             run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
-            self._log_params(run_id, flatten(run_cfg) | {f"tuned.{k}": str(v) for k, v in config["tuned"].items()})
+            self._log_params(run_id, params)
             self._logged_steps[run_id] = set()
         self._runs[trial.trial_id] = run_id
         return run_id
+
+    def _log_missing_params(self, run, params: dict[str, str]) -> None:
+        """A run found again may have been created just before the server went down, its params not yet
+        logged (the retried write then finds the run): log what it lacks."""
+        missing = {k: v for k, v in params.items() if k not in run.data.params}
+        if missing:
+            self._log_params(run.info.run_id, missing)
 
     def _log_params(self, run_id: str, params: dict[str, str]) -> None:
         items = [Param(k, v) for k, v in params.items()]
@@ -267,8 +276,11 @@ class MlflowTracking(Callback):
         found = self.client.search_runs(
             [self.experiment_id], f"tags.sweep = '{self.sweep}' and tags.role = 'teacher' and tags.teacher_key = '{key}'", max_results=1,
         )
+        # What the teacher depends on: everything but the student-side distillation settings
+        params = flatten({k: v for k, v in trial.config["run"].items() if k != "distill"})
         if found:
             run_id = found[0].info.run_id
+            self._log_missing_params(found[0], params)
             self._logged_steps[run_id] = {m.step for m in self.client.get_metric_history(run_id, "val_avg_acc")}
             if found[0].info.status == "KILLED":  # partial in an interrupted sweep; trials may take it further
                 self.client.update_run(run_id, status="RUNNING")
@@ -283,8 +295,7 @@ class MlflowTracking(Callback):
                 "query_backbone": run_cfg["student"]["preset"] if run_cfg["query"] == "student" else "own", "status": "running",
             }
             run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
-            # What the teacher depends on: everything but the student-side distillation settings
-            self._log_params(run_id, flatten({k: v for k, v in run_cfg.items() if k != "distill"}))
+            self._log_params(run_id, params)
             self._logged_steps[run_id] = set()
         self._teacher_runs[key] = run_id
         return run_id
