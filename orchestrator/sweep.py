@@ -193,12 +193,21 @@ def teacher_store_location(args: argparse.Namespace) -> str:
     return f"{storage_location(args).rstrip('/')}/teachers"
 
 
+# Task checkpoints kept per trial. A killed driver resumes each unfinished trial from the checkpoint its last
+# experiment snapshot names: with 2 kept, that is its latest task or the one before (redone; MLflow and Optuna
+# skip the task they already have). With 1 kept, Tune would snapshot the whole experiment (every trial's state,
+# growing with the sweep) at every task of every trial: 1.37x -> 1.14x of a bare Tune loop in
+# bench/sweep_overhead.py.
+KEPT_CHECKPOINTS = 2
+
+
 def run_sweep(space: SweepSpace, plan: Plan, args: argparse.Namespace, trainable: Callable[..., None] | None = None) -> int:
     """Run the planned trials. `trainable` replaces `train_cdl` (the benchmark of the sweep's own overhead runs a
     no-op); it is called like train_cdl, with the trial's config and `teachers=`."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # use the reporter below (the new output ignores it)
-    # With one checkpoint kept per trial, Tune snapshots the experiment state at every trial checkpoint, so a
-    # killed driver resumes from each trial's latest task. That is wanted here; Tune's warning about it is noise.
+    # Tune keeps KEPT_CHECKPOINTS checkpoints per trial and snapshots the experiment state whenever a trial has
+    # written that many since the last snapshot, so the snapshot never names a deleted checkpoint. Tune's warning
+    # about these forced snapshots is noise here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # A write to a tracking server that is down fails within seconds and waits in the tracking outbox (which
     # retries it), instead of MLflow's own retries holding it for minutes.
@@ -261,7 +270,7 @@ def run_sweep(space: SweepSpace, plan: Plan, args: argparse.Namespace, trainable
                     name=sweep, storage_path=storage,
                     callbacks=[MlflowTracking(tracking_uri, experiment, sweep, sweep_params, flush_timeout=args.mlflow_wait),
                                JsonLoggerCallback(), CSVLoggerCallback()],
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=KEPT_CHECKPOINTS),
                     failure_config=tune.FailureConfig(max_failures=args.max_failures),
                     progress_reporter=SweepProgress(space.metric), verbose=1,
                 ),

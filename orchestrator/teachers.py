@@ -19,9 +19,10 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from cdl_core.teacher_store import TeacherStore, TeacherStoreError
+if TYPE_CHECKING:
+    from cdl_core.teacher_store import TeacherStore
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,9 @@ class TeacherSharing:
 
 
 # -- CLI ------------------------------------------------------------------------------------------------------
+# The store's module (cdl_core.teacher_store) imports torch: it is imported here, in the CLI, and not at the top,
+# because every trial unpickles its TeacherSharing from this module (1.6 s and ~500 MB per trial process that
+# would not otherwise import torch, as the sweep overhead benchmark's no-op trials showed).
 def describe_entry(store: TeacherStore, key: str) -> dict[str, Any]:
     entry = store.entry(key)
     manifest = entry.manifest() or {}
@@ -157,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def prune(store: TeacherStore, args: argparse.Namespace) -> int:
+    from cdl_core.teacher_store import TeacherStoreError
+
     if not (args.key or args.partial or args.older_than is not None or args.stray):
         raise TeacherStoreError("prune needs a selection: --key K..., --partial, --older-than DAYS or --stray")
     keys = store.keys()
@@ -184,6 +190,8 @@ def prune(store: TeacherStore, args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cdl_core.teacher_store import TeacherStore, TeacherStoreError
+
     args = build_parser().parse_args(argv)
     try:
         store = TeacherStore(args.store)

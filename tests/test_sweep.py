@@ -527,6 +527,30 @@ def test_searcher_pickles_without_database_handles(tmp_path):
     assert clone.assigned == searcher.assigned and clone._live == {} and clone.studies._studies == {}
 
 
+def test_a_task_redone_after_a_resume_from_the_checkpoint_before_keeps_its_first_value_in_optuna(tmp_path):
+    # With two checkpoints kept per trial (sweep.KEPT_CHECKPOINTS) a killed driver's snapshot may name the task
+    # before a trial's latest: the resumed trial redoes that task and reports it again.
+    assert sweep.KEPT_CHECKPOINTS == 2
+    space, searcher = tuned_space(tmp_path)
+    scheduler = OptunaPruningScheduler(searcher)
+    config = searcher.suggest("t0")
+    for task in (1, 2):
+        assert report(scheduler, "t0", task, 3, 80.0 + task) == TrialScheduler.CONTINUE
+    snapshot = tmp_path / "snapshot"
+    searcher.save(str(snapshot))
+
+    _, restored = tuned_space(tmp_path)  # `--resume`: a new driver, the same Optuna storage
+    restored.restore(str(snapshot))
+    scheduler = OptunaPruningScheduler(restored)
+    with pytest.warns(UserWarning, match="already reported"):
+        assert report(scheduler, "t0", 2, 3, 99.0) == TrialScheduler.CONTINUE
+    assert report(scheduler, "t0", 3, 3, 83.0) == TrialScheduler.CONTINUE
+    restored.on_trial_complete("t0", {"val_avg_acc": 83.0, "task": 3, "n_tasks": 3})
+    trial = restored.studies.study(restored.cells[config["cell"]]).trials[config["optuna_trial"]]
+    assert trial.intermediate_values == {1: 81.0, 2: 82.0, 3: 83.0}
+    assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == 83.0
+
+
 # -- tracking helpers --------------------------------------------------------------------------------------------
 def test_flatten_gives_dotted_string_params():
     tree = {"data": {"name": "synthetic", "n_tasks": 5, "root": None}, "train": {"betas": [0.9, 0.999]},
@@ -605,3 +629,39 @@ def test_a_trial_whose_accuracy_falls_faster_than_its_cells_is_pruned_although_i
     assert report_curve(bad, [95.0, 40.0, 30.0, 20.0]) == "stopped after task 2"
     trial = searcher.studies.study(searcher.cells[cell]).trials[configs[bad]["optuna_trial"]]
     assert trial.state.name == "PRUNED" and max(trial.intermediate_values) == 2
+
+
+def test_a_task_redone_after_a_driver_restart_is_logged_to_mlflow_once(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.tracking import MlflowTracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = tuned_space(tmp_path)[1].suggest("t0")  # a trial's config as Tune holds it
+    trial = SimpleNamespace(trial_id="t0", config=config, status="RUNNING", last_result={}, checkpoint=None)
+
+    def driver(tasks: list[int]) -> MlflowTracking:
+        tracking = MlflowTracking(uri, "exp", "sweep1", {"space": "tiny"})
+        tracking.setup()
+        tracking.on_trial_start(0, [], trial)
+        for task in tasks:
+            tracking.on_trial_result(0, [], trial, {"task": task, "n_tasks": 3, "val_avg_acc": 70.0 + task, "timestamp": 0})
+        assert tracking.outbox.flush(60)
+        return tracking
+
+    first = driver([1, 2])
+    run_id = first._runs["t0"]
+    driver([2, 3])  # killed driver, resumed from task 1's checkpoint: task 2 is redone
+    history = MlflowClient(uri).get_metric_history(run_id, "val_avg_acc")
+    assert sorted((m.step, m.value) for m in history) == [(1, 71.0), (2, 72.0), (3, 73.0)]
+
+
+def test_the_teacher_sharing_handle_every_trial_unpickles_does_not_import_torch():
+    # every trial process unpickles its TeacherSharing; importing torch for it cost 1.6 s per no-op trial
+    import subprocess
+    import sys
+
+    code = ("import pickle, sys; from orchestrator.teachers import TeacherSharing; "
+            "pickle.loads(pickle.dumps(TeacherSharing('/tmp/store', 'leases'))); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
+    assert out.stdout.strip() == "False", out.stderr
