@@ -1,13 +1,12 @@
 """MLflow tracking of a sweep, written by the Tune driver only.
 
-One experiment per sweep, one parent run for the sweep, one child run per trial (named after its cell and
-Optuna trial) with the whole config as params, cell/status tags, per-task metrics with step = task, and
-artifacts (resolved config; accuracy matrix as CSV and heatmap and accuracy curve, drawn by the trial itself and
-copied from its last checkpoint). A stored teacher, shared by
-many trials, gets one teacher run (role=teacher, tagged with its teacher_key) holding its metrics once; each
-trial using it carries the teacher_key and teacher_run_id tags. Only the driver writes, so concurrent trials
-never contend for the default sqlite store; on resume, runs are found again by tag and steps already logged
-are not logged twice.
+One experiment per sweep, one parent run for the sweep, one child run per trial (named after its cell and Optuna
+trial) with the whole config as params, cell/status tags, per-task metrics with step = task, and artifacts
+(resolved config; accuracy matrix as CSV and heatmap and accuracy curve, drawn by the trial itself and copied
+from its last checkpoint). A stored teacher, shared by many trials, gets one teacher run (role=teacher, tagged
+with its teacher_key) holding its metrics once; each trial using it carries the teacher_key and teacher_run_id
+tags. Only the driver writes, so concurrent trials never contend for the default sqlite store; on resume, runs
+are found again by tag and steps already logged are not logged twice.
 
 Writes go through an outbox drained in order by one thread: Tune's loop never waits on MLflow, and while the
 tracking server is unreachable the writes wait and are retried (each one is idempotent: find-or-create runs,
