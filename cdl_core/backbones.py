@@ -1,59 +1,29 @@
 """Frozen timm Vision Transformers with prefix-tuning attention.
 
-A preset names a timm architecture plus where its weights come from. Paper presets load timm's default
-pretrained tags from the hub (or from a local state-dict file through timm's own `pretrained_cfg_overlay`);
-demo presets are small CPU-sized ViTs whose weights come from `cdl_core.pretrain` (offline, cached).
+A preset (cdl_core.catalog.presets) names a timm architecture plus where its weights come from. Paper presets
+load their named pretrained tag from the hub (or a local state-dict file); demo presets are small CPU-sized
+ViTs whose weights come from `cdl_core.pretrain` (offline, cached).
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
 
 import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cdl_core.config import BackboneConfig, ConfigError
+from cdl_core.config import BackboneConfig
+from cdl_core.errors import ConfigError, WeightsUnavailableError
+from cdl_core.catalog.presets import PRESETS, BackbonePreset, get_preset, uses_demo_pretraining  # noqa: F401 (PRESETS re-exported)
+from cdl_core.catalog.presets import weights_source_id as _weights_source_id
 
 log = logging.getLogger(__name__)
 
 Prefix = tuple[torch.Tensor, torch.Tensor]  # (key tokens, value tokens), each (B or 1, L, D)
-
-
-@dataclass(frozen=True)
-class BackbonePreset:
-    name: str
-    timm_name: str
-    weights_source: Literal["hub", "demo_pretrain"]
-    model_kwargs: dict = field(default_factory=dict)
-
-
-PRESETS: dict[str, BackbonePreset] = {}
-
-
-def register_preset(preset: BackbonePreset) -> BackbonePreset:
-    PRESETS[preset.name] = preset
-    return preset
-
-
-# The paper's backbones: timm's default tags (ImageNet-21k pretrained, fine-tuned on 1k).
-for _size in ("large", "base", "small", "tiny"):
-    register_preset(BackbonePreset(f"vit_{_size}_patch16_224", f"vit_{_size}_patch16_224", "hub"))
-
-# CPU demo sizes: 32 px, patch 4, head width 32. Like ViT-B -> ViT-S, teacher and student share the depth
-# (6, so every official prompt layer 0-4 exists) and differ in width.
-_DEMO = dict(img_size=32, patch_size=4, depth=6)
-register_preset(BackbonePreset("demo-t", "vit_tiny_patch16_224", "demo_pretrain", dict(_DEMO, embed_dim=128, num_heads=4)))
-register_preset(BackbonePreset("demo-s", "vit_tiny_patch16_224", "demo_pretrain", dict(_DEMO, embed_dim=64, num_heads=2)))
-
-
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights could not be obtained (offline hub, bad file)."""
 
 
 class FrozenViT(nn.Module):
@@ -72,9 +42,7 @@ class FrozenViT(nn.Module):
         self._compiled: Callable | None = None
         self.vit.requires_grad_(False)
         self.vit.eval()
-        data_cfg = vit.pretrained_cfg
-        self.mean: tuple[float, float, float] = tuple(data_cfg.get("mean", (0.5, 0.5, 0.5)))
-        self.std: tuple[float, float, float] = tuple(data_cfg.get("std", (0.5, 0.5, 0.5)))
+        self.mean, self.std = preset.mean, preset.std  # the preset's metadata (tested equal to timm's config)
         for block in vit.blocks:
             if getattr(block.attn, "gate", None) is not None:
                 raise ConfigError(f"{preset.name}: gated attention is not supported by prefix prompts")
@@ -162,40 +130,15 @@ def state_dict_sha256(module: nn.Module) -> str:
 
 
 def weights_source_id(cfg: BackboneConfig) -> str:
-    """Names the weights `cfg` loads without loading them, for content-addressed keys: the demo recipe's hash,
-    the hub model id and pretrained tag, the sha256 of a weights file, or random (seeded by the preset)."""
-    preset = PRESETS[cfg.preset]
-    if cfg.weights == "random":
-        return f"random:{preset.name}"
-    if cfg.weights == "default" and preset.weights_source == "demo_pretrain":
-        from cdl_core.pretrain import weights_path
-
-        return f"demo_pretrain:{weights_path(preset.name).stem}"
-    if cfg.weights == "default":
-        pretrained = timm.models.get_pretrained_cfg(preset.timm_name)
-        return f"hub:{pretrained.hf_hub_id or preset.timm_name}@{pretrained.tag}"
-    path = Path(cfg.weights).expanduser().resolve()
-    stat = path.stat()
-    return f"file-sha256:{_file_sha256(path, stat.st_size, stat.st_mtime_ns)}"
-
-
-@functools.lru_cache(maxsize=64)
-def _file_sha256(path: Path, size: int, mtime_ns: int) -> str:
-    """Cached by size and modification time: planning a sweep hashes each weights file once, not per cell."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """Names the weights `cfg` loads without loading them (see cdl_core.catalog.presets.weights_source_id)."""
+    return _weights_source_id(cfg.preset, cfg.weights)
 
 
 def create_backbone(cfg: BackboneConfig) -> FrozenViT:
     """Build the frozen ViT for `cfg` (preset + weights source) through `timm.create_model`."""
-    if cfg.preset not in PRESETS:
-        raise ConfigError(f"unknown backbone preset {cfg.preset!r}; valid presets: {', '.join(sorted(PRESETS))}")
-    preset = PRESETS[cfg.preset]
+    preset = get_preset(cfg.preset)
     weights = cfg.weights
-    if weights == "default" and preset.weights_source == "demo_pretrain":
+    if uses_demo_pretraining(preset.name, weights):
         from cdl_core.pretrain import ensure_demo_weights
 
         weights = str(ensure_demo_weights(preset.name))
@@ -207,7 +150,7 @@ def create_backbone(cfg: BackboneConfig) -> FrozenViT:
             vit = timm.create_model(preset.timm_name, pretrained=False, **kwargs)
     elif weights == "default":
         try:
-            vit = timm.create_model(preset.timm_name, pretrained=True, **kwargs)
+            vit = timm.create_model(preset.hub_model, pretrained=True, **kwargs)
         except Exception as err:  # hub unreachable, offline, missing cache
             raise WeightsUnavailableError(
                 f"could not load pretrained weights for {preset.name} from the Hugging Face hub ({type(err).__name__}); "

@@ -13,9 +13,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
+from cdl_core.catalog.datasets import get_dataset
+from cdl_core.catalog.distill import KD_PARAMS, resolve_kd_params
+from cdl_core.catalog.presets import DEMO_RECIPES, FASHION_RESERVED_PER_CLASS, PRESETS, get_preset, uses_demo_pretraining
+from cdl_core.catalog.prompts import PROMPT_PARAMS, resolve_prompt_params
+from cdl_core.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A config value is wrong; the message says which field and how to fix it."""
+__all__ = ["BackboneConfig", "ConfigError", "DataConfig", "DistillConfig", "PromptConfig", "RunConfig", "TrainConfig"]
 
 
 def _one_of(name: str, value: Any, valid: tuple | list) -> None:
@@ -41,9 +45,7 @@ class DataConfig:
     download: bool = False  # let torchvision download cifar100/fashion_mnist when online
 
     def validate(self) -> None:
-        from cdl_core.data import DATASETS
-
-        _one_of("data.name", self.name, sorted(DATASETS))
+        get_dataset(self.name)
         _one_of("data.class_order", self.class_order, ("sorted", "shuffled"))
         if self.n_tasks is not None and self.n_tasks < 1:
             raise ConfigError(f"data.n_tasks={self.n_tasks} must be at least 1")
@@ -59,7 +61,7 @@ class DataConfig:
 
 @dataclass
 class BackboneConfig:
-    """A frozen ViT: a preset name from `cdl_core.backbones.PRESETS` and where its weights come from."""
+    """A frozen ViT: a preset name from `cdl_core.catalog.presets.PRESETS` and where its weights come from."""
 
     preset: str = "demo-s"
     # "default": the preset's own source (timm hub for paper presets, cached offline pretraining for demo
@@ -67,8 +69,6 @@ class BackboneConfig:
     weights: str = "default"
 
     def validate(self, role: str) -> None:
-        from cdl_core.backbones import PRESETS
-
         _one_of(f"{role}.preset", self.preset, sorted(PRESETS))
         if self.weights not in ("default", "random") and not Path(self.weights).expanduser().is_file():
             raise ConfigError(
@@ -84,10 +84,8 @@ class PromptConfig:
     params: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
-        from cdl_core.prompts import PROMPT_METHODS
-
-        _one_of("prompt.method", self.method, sorted(PROMPT_METHODS))
-        PROMPT_METHODS[self.method].resolve_params(self.params)
+        _one_of("prompt.method", self.method, sorted(PROMPT_PARAMS))
+        resolve_prompt_params(self.method, self.params)
 
 
 @dataclass
@@ -101,15 +99,13 @@ class DistillConfig:
     params: dict[str, Any] = field(default_factory=dict)  # method-specific, e.g. dkd's weights
 
     def validate(self) -> None:
-        from cdl_core.distill import KD_METHODS
-
-        _one_of("distill.method", self.method, sorted(KD_METHODS))
+        _one_of("distill.method", self.method, sorted(KD_PARAMS))
+        resolve_kd_params(self.method, self.params)
         _one_of("distill.schedule", self.schedule, ("sequential", "joint"))
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"distill.alpha={self.alpha} must be in [0, 1]")
         if self.temperature <= 0:
             raise ConfigError(f"distill.temperature={self.temperature} must be positive")
-        KD_METHODS[self.method].resolve_params(self.params)
 
 
 @dataclass
@@ -183,14 +179,42 @@ class RunConfig:
                 f"distill.method={self.distill.method!r} needs a teacher; set teacher.preset (e.g. --teacher demo-t) "
                 "or use distill.method='none'"
             )
-        from cdl_core.distill import KD_METHODS
-
-        if KD_METHODS[self.distill.method].needs_teacher_prompts and self.prompt.method == "none":
-            raise ConfigError(
-                f"distill.method={self.distill.method!r} maps the teacher's prompts, but prompt.method='none' has "
-                "none; choose l2p, dualprompt or coda"
-            )
+        self._check_structure()
         return self
+
+    def _check_structure(self) -> None:
+        """What the config decides together with the presets' and datasets' metadata, without building a model
+        or reading an image: found here, a bad setting stops a sweep before launch instead of failing every trial."""
+        n_tasks = get_dataset(self.data.name).n_tasks(self.data.n_tasks)
+        prompt = resolve_prompt_params(self.prompt.method, self.prompt.params)
+        backbones = {"student": self.student} | ({"teacher": self.teacher} if self.teacher else {})
+        for role, backbone in backbones.items():
+            preset = get_preset(backbone.preset)
+            prompt.check_against(n_tasks, preset.depth, f"the {role} {preset.name}")
+        if self.teacher is not None:
+            resolve_kd_params(self.distill.method, self.distill.params).check_against(prompt, n_tasks)
+            student, teacher = get_preset(self.student.preset), get_preset(self.teacher.preset)
+            for attr in ("image_size", "mean", "std"):
+                if getattr(teacher, attr) != getattr(student, attr):
+                    raise ConfigError(
+                        f"teacher {teacher.name} and student {student.name} differ in input {attr} "
+                        f"({getattr(teacher, attr)} vs {getattr(student, attr)}); pick presets with the same input"
+                    )
+        self._check_stream_disjoint(backbones)
+
+    def _check_stream_disjoint(self, backbones: dict[str, BackboneConfig]) -> None:
+        """Refuse a fashion_mnist stream that would reuse images the default demo weights were pretrained on."""
+        if self.data.name != "fashion_mnist":
+            return
+        per_class = self.data.train_per_class or get_dataset("fashion_mnist").default_train_per_class
+        for role, backbone in backbones.items():
+            if not uses_demo_pretraining(backbone.preset, backbone.weights):
+                continue
+            if DEMO_RECIPES[backbone.preset].source == "fashion_mnist_heldout" and per_class > FASHION_RESERVED_PER_CLASS:
+                raise ConfigError(
+                    f"data.train_per_class={per_class} would overlap the Fashion-MNIST images the {role}'s demo weights "
+                    f"were pretrained on; use at most {FASHION_RESERVED_PER_CLASS} or {role}.weights=random/a file"
+                )
 
     # -- serialisation -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -21,16 +21,17 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cdl_core import metrics
-from cdl_core.backbones import FrozenViT, create_backbone, weights_source_id
-from cdl_core.config import ConfigError, RunConfig
+from cdl_core.backbones import FrozenViT, create_backbone
+from cdl_core.config import RunConfig
 from cdl_core.data import ClassIncrementalStream, TaskSplit, build_stream
 from cdl_core.distill import KDContext, TaskClasses, build_kd_method
 from cdl_core.distill.losses import current_task_cross_entropy
 from cdl_core.distill.prompt_mapping import teacher_prompt_queries
 from cdl_core.model import ContinualModel, ModelOutput
-from cdl_core.pretrain import check_stream_disjoint
-from cdl_core.prompts import PROMPT_METHODS, build_prompt_method
-from cdl_core.teacher_store import TeacherEntry, TeacherStore, TeacherStoreError, content_key
+from cdl_core.prompts import build_prompt_method
+from cdl_core.errors import ConfigError, TeacherStoreError
+from cdl_core.teacher_identity import TRAINER_VERSION, content_key, teacher_identity, teacher_key  # noqa: F401 (re-exported)
+from cdl_core.teacher_store import TeacherEntry, TeacherStore
 
 log = logging.getLogger(__name__)
 
@@ -47,40 +48,6 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device={name!r} but no CUDA GPU is visible; use train.device=cpu or auto")
     return torch.device(name)
-
-
-# Bump when the training math changes, so stored teachers made by older code are not reused.
-# 2: frozen outputs precomputed per task without augmentation (batched differently: last-bit differences).
-# (A student's frozen teacher now selects prompts as at inference; that changes students, not teachers.)
-TRAINER_VERSION = 2
-
-# What a teacher's training does not depend on: where things run and how evaluation is batched.
-_TRAIN_FIELDS_NOT_IN_TEACHER = ("device", "num_workers", "eval_batch_size")
-_DATA_FIELDS_NOT_IN_TEACHER = ("root", "download")
-
-
-def teacher_identity(cfg: RunConfig) -> dict[str, Any]:
-    """Everything a sequential-schedule teacher's training depends on, from the config alone (no weights or
-    data are loaded): its backbone and weights source, the query backbone, the prompt method with its resolved
-    parameters, the stream, the optimisation settings and seed, and the training code's version. KD settings
-    and the student's own backbone (unless it is the query backbone) are not in it."""
-    cfg.validate()
-    if cfg.teacher is None or cfg.distill.schedule != "sequential":
-        raise ConfigError("only a sequential-schedule teacher can be stored and shared (a joint teacher trains with its student)")
-    return {
-        "teacher": {"preset": cfg.teacher.preset, "weights": weights_source_id(cfg.teacher)},
-        "query_backbone": (
-            {"preset": cfg.student.preset, "weights": weights_source_id(cfg.student)} if cfg.query == "student" else "own"
-        ),
-        "prompt": {"method": cfg.prompt.method, "params": asdict(PROMPT_METHODS[cfg.prompt.method].resolve_params(cfg.prompt.params))},
-        "data": {k: v for k, v in asdict(cfg.data).items() if k not in _DATA_FIELDS_NOT_IN_TEACHER},
-        "train": {k: v for k, v in asdict(cfg.train).items() if k not in _TRAIN_FIELDS_NOT_IN_TEACHER},
-        "trainer_version": TRAINER_VERSION,
-    }
-
-
-def teacher_key(cfg: RunConfig) -> str:
-    return content_key(teacher_identity(cfg))
 
 
 @dataclass
@@ -175,16 +142,9 @@ class ContinualRun:
             raise ConfigError("a teacher store needs a teacher and distill.schedule='sequential' (a joint teacher trains with its student)")
         if require_teacher and teacher_store is None:
             raise ConfigError("require_teacher needs a teacher store to load the teacher from")
-        check_stream_disjoint(cfg)
         self.device = resolve_device(cfg.train.device)
         self.student_backbone = create_backbone(cfg.student).to(self.device)
         self.teacher_backbone = create_backbone(cfg.teacher).to(self.device) if cfg.teacher else None
-        if self.teacher_backbone is not None:
-            for attr in ("image_size", "mean", "std"):
-                if getattr(self.teacher_backbone, attr) != getattr(self.student_backbone, attr):
-                    raise ConfigError(
-                        f"teacher {cfg.teacher.preset} and student {cfg.student.preset} differ in {attr}; pick presets with the same input"
-                    )
         if cfg.train.compile:
             for backbone in (self.student_backbone, self.teacher_backbone):
                 if backbone is not None:
@@ -417,7 +377,7 @@ class ContinualRun:
 
     def _signal(self, teacher_out: ModelOutput, batch: int) -> TeacherSignal:
         # The prompt queries need no detach here: the mapping detaches what it reads.
-        needs_prompts = self.student.kd is not None and self.student.kd.needs_teacher_prompts
+        needs_prompts = self.student.kd is not None and self.student.kd.params.needs_teacher_prompts
         prompt_queries = teacher_prompt_queries(teacher_out.prefixes, batch) if needs_prompts else None
         return TeacherSignal(teacher_out.logits.detach(), prompt_queries)
 
@@ -460,7 +420,7 @@ class ContinualRun:
         """Accuracy (%) of `role` after task t on `dataset`, predicting among all classes seen so far."""
         seen = self.stream.tasks[t].classes[-1] + 1
         model = self.teacher if role == "teacher" else self.student
-        needs_teacher = role == "student" and model.kd is not None and model.kd.needs_teacher_prompts
+        needs_teacher = role == "student" and model.kd is not None and model.kd.params.needs_teacher_prompts
         correct = total = 0
         for images, targets in self._loader(dataset, self.cfg.train.eval_batch_size, shuffle=False):
             images, targets = images.to(self.device), targets.to(self.device)

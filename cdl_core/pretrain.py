@@ -6,12 +6,11 @@ under a hash of everything that determines the weights; every later run reuses t
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import timm
@@ -19,52 +18,10 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-from cdl_core.config import DataConfig, RunConfig
+from cdl_core.config import DataConfig
+from cdl_core.catalog.presets import DEMO_RECIPES, FASHION_RESERVED_PER_CLASS, PRESETS, PretrainRecipe, demo_weights_path
 
 log = logging.getLogger(__name__)
-
-PRETRAIN_VERSION = 1
-# Pretraining never sees the first this-many Fashion-MNIST training images of each class, so a fashion_mnist
-# stream with train_per_class up to this limit is disjoint from it (checked in cdl_core.learner).
-FASHION_RESERVED_PER_CLASS = 1000
-
-
-@dataclass(frozen=True)
-class PretrainRecipe:
-    # Measured here (2 cores): demo-s ~600 img/s, demo-t ~275 img/s per train step; 3 epochs on 19k images give
-    # ~80% held-out accuracy. Crop augmentation slowed convergence at this budget, so only flips are used.
-    source: str = "fashion_mnist_heldout"  # "fashion_mnist_heldout" | "mnist_digits"
-    images: int = 20000
-    epochs: int = 3
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    holdout_fraction: float = 0.05  # accuracy printed when the weights are made
-    seed: int = 0
-
-
-DEMO_RECIPES: dict[str, PretrainRecipe] = {
-    "demo-t": PretrainRecipe(),
-    "demo-s": PretrainRecipe(),
-}
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("CDL_CACHE_DIR", Path.home() / ".cache" / "cdl")).expanduser() / "backbones"
-
-
-def _recipe_key(preset_name: str, recipe: PretrainRecipe) -> str:
-    from cdl_core.backbones import PRESETS
-
-    preset = PRESETS[preset_name]
-    payload = dict(preset=preset_name, timm_name=preset.timm_name, model_kwargs=preset.model_kwargs,
-                   recipe=asdict(recipe), version=PRETRAIN_VERSION)
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def weights_path(preset_name: str, recipe: PretrainRecipe | None = None) -> Path:
-    recipe = recipe or DEMO_RECIPES[preset_name]
-    return cache_dir() / f"{preset_name}-{_recipe_key(preset_name, recipe)}.pt"
 
 
 def _source_images(recipe: PretrainRecipe) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,11 +40,9 @@ def _source_images(recipe: PretrainRecipe) -> tuple[torch.Tensor, torch.Tensor]:
 def ensure_demo_weights(preset_name: str, recipe: PretrainRecipe | None = None) -> Path:
     """Path of the cached pretrained weights for a demo preset, pretraining them first if needed."""
     recipe = recipe or DEMO_RECIPES[preset_name]
-    path = weights_path(preset_name, recipe)
+    path = demo_weights_path(preset_name, recipe)
     if path.is_file():
         return path
-    from cdl_core.backbones import PRESETS
-
     preset = PRESETS[preset_name]
     started = time.perf_counter()
     torch.manual_seed(recipe.seed)
@@ -127,21 +82,3 @@ def ensure_demo_weights(preset_name: str, recipe: PretrainRecipe | None = None) 
     path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
     os.replace(tmp, path)  # last: a crash mid-write never leaves a file that looks finished
     return path
-
-
-def check_stream_disjoint(cfg: RunConfig) -> None:
-    """Refuse a fashion_mnist stream that would reuse images the default demo weights were pretrained on."""
-    from cdl_core.backbones import PRESETS
-    from cdl_core.config import ConfigError
-
-    if cfg.data.name != "fashion_mnist":
-        return
-    per_class = cfg.data.train_per_class or 600
-    for role, backbone in (("student", cfg.student), ("teacher", cfg.teacher)):
-        if backbone is None or backbone.weights != "default" or PRESETS[backbone.preset].weights_source != "demo_pretrain":
-            continue
-        if DEMO_RECIPES[backbone.preset].source == "fashion_mnist_heldout" and per_class > FASHION_RESERVED_PER_CLASS:
-            raise ConfigError(
-                f"data.train_per_class={per_class} would overlap the Fashion-MNIST images the {role}'s demo weights "
-                f"were pretrained on; use at most {FASHION_RESERVED_PER_CLASS} or {role}.weights=random/a file"
-            )

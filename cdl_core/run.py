@@ -14,7 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cdl_core.config import BackboneConfig, ConfigError, RunConfig
+from cdl_core.cli import run_cli
+from cdl_core.config import BackboneConfig, RunConfig
+from cdl_core.errors import ConfigError
 
 log = logging.getLogger("cdl_core.run")
 
@@ -135,41 +137,38 @@ def _role_summary(results: dict[str, Any], role: str) -> tuple[dict[str, float],
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    from cdl_core.teacher_store import TeacherStoreError
-    from cdl_core.data import DatasetNotFoundError
-    from cdl_core.backbones import WeightsUnavailableError
-    from cdl_core.learner import ContinualRun
+    cfg = config_from_args(args)
+    from cdl_core.learner import ContinualRun  # after the config is checked: --help and bad flags need no torch
 
-    try:
-        cfg = config_from_args(args)
-        runs: dict[str, Any] = {}
-        print(f"run: {cfg.prompt.method} on {cfg.data.name}, student {cfg.student.preset}"
-              + (f", teacher {cfg.teacher.preset}, kd {cfg.distill.method} ({cfg.distill.schedule})" if cfg.teacher else ""), flush=True)
-        run = ContinualRun(cfg, teacher_store=args.teacher_store, require_teacher=args.require_teacher)
-        main_name = "distilled" if cfg.teacher else "single"
-        runs[main_name] = run.run(on_task=lambda r: print_task(r, run.n_tasks))
-        if run.teacher_entry is not None:
-            print(f"teacher stored as {run.teacher_entry}", flush=True)
-        table = []
-        if cfg.teacher:
-            table.append((f"teacher ({cfg.teacher.preset}, {cfg.prompt.method})", *_role_summary(runs[main_name], "teacher")))
-            if not args.no_baseline and cfg.distill.method != "none":
-                alone = copy.deepcopy(cfg)
-                alone.teacher, alone.distill = None, type(cfg.distill)()
-                print(f"\nbaseline: student {cfg.student.preset} alone", flush=True)
-                baseline = ContinualRun(alone.validate(), stream=run.stream)
-                runs["student_alone"] = baseline.run(on_task=lambda r: print_task(r, baseline.n_tasks))
-                table.append((f"student alone ({cfg.student.preset})", *_role_summary(runs["student_alone"], "student")))
-            label = f"student + {cfg.distill.method}" if cfg.distill.method != "none" else "student (no KD)"
-            table.append((f"{label} ({cfg.student.preset})", *_role_summary(runs[main_name], "student")))
-        else:
-            table.append((f"{cfg.student.preset} {cfg.prompt.method}", *_role_summary(runs[main_name], "student")))
-        print_table(table)
-    except (ConfigError, DatasetNotFoundError, WeightsUnavailableError, TeacherStoreError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    runs: dict[str, Any] = {}
+    print(f"run: {cfg.prompt.method} on {cfg.data.name}, student {cfg.student.preset}"
+          + (f", teacher {cfg.teacher.preset}, kd {cfg.distill.method} ({cfg.distill.schedule})" if cfg.teacher else ""), flush=True)
+    run = ContinualRun(cfg, teacher_store=args.teacher_store, require_teacher=args.require_teacher)
+    main_name = "distilled" if cfg.teacher else "single"
+    runs[main_name] = run.run(on_task=lambda r: print_task(r, run.n_tasks))
+    if run.teacher_entry is not None:
+        print(f"teacher stored as {run.teacher_entry}", flush=True)
+    table = []
+    if cfg.teacher:
+        table.append((f"teacher ({cfg.teacher.preset}, {cfg.prompt.method})", *_role_summary(runs[main_name], "teacher")))
+        if not args.no_baseline and cfg.distill.method != "none":
+            alone = copy.deepcopy(cfg)
+            alone.teacher, alone.distill = None, type(cfg.distill)()
+            print(f"\nbaseline: student {cfg.student.preset} alone", flush=True)
+            baseline = ContinualRun(alone.validate(), stream=run.stream)
+            runs["student_alone"] = baseline.run(on_task=lambda r: print_task(r, baseline.n_tasks))
+            table.append((f"student alone ({cfg.student.preset})", *_role_summary(runs["student_alone"], "student")))
+        label = f"student + {cfg.distill.method}" if cfg.distill.method != "none" else "student (no KD)"
+        table.append((f"{label} ({cfg.student.preset})", *_role_summary(runs[main_name], "student")))
+    else:
+        table.append((f"{cfg.student.preset} {cfg.prompt.method}", *_role_summary(runs[main_name], "student")))
+    print_table(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"runs": runs}, indent=1))

@@ -1,7 +1,7 @@
 """Content-addressed store of trained teachers, so each distinct teacher is trained once and reused.
 
 An entry is addressed by a key, the hash of everything the teacher's training depends on (see
-`cdl_core.learner.teacher_identity`), and holds the teacher task by task:
+`cdl_core.teacher_identity`), and holds the teacher task by task:
 
     <root>/<key>/teacher.json    identity (the teacher's config) and what its first writer checked it against
     <root>/<key>/task_<t>.pt     the teacher's trainable state after task t
@@ -33,29 +33,12 @@ from typing import Any
 import pyarrow.fs as pafs
 import torch
 
+from cdl_core.errors import TeacherStoreError
+from cdl_core.teacher_identity import content_key  # noqa: F401 (re-exported)
+
 log = logging.getLogger(__name__)
 
 TEMP_PREFIX = ".tmp-"
-
-
-class TeacherStoreError(RuntimeError):
-    """The store cannot serve this teacher (missing task, corrupted file, mismatching entry)."""
-
-
-def content_key(identity: dict[str, Any]) -> str:
-    """Stable hash of a JSON-serialisable identity: key order, tuples vs lists and 0 vs 0.0 do not matter."""
-    canonical = json.dumps(_canonical(identity), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:24]
-
-
-def _canonical(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _canonical(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_canonical(v) for v in value]
-    if isinstance(value, float) and value.is_integer():
-        return int(value)  # a config file's 0 and a default's 0.0 train the same teacher
-    return value
 
 
 def open_filesystem(location: str | Path) -> tuple[pafs.FileSystem, str]:

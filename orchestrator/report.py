@@ -21,12 +21,11 @@ from typing import Any
 
 import pandas as pd
 
+from cdl_core.cli import run_cli
+from orchestrator.errors import ReportError
+
 ROW = ["teacher", "student", "method", "kd"]
 CELL = [*ROW, "dataset", "seed"]
-
-
-class ReportError(RuntimeError):
-    """The experiment cannot be reported; the message says why and what to do."""
 
 
 # -- reading MLflow -------------------------------------------------------------------------------------------
@@ -236,39 +235,46 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    from orchestrator.services import reach_mlflow
+
     args = build_parser().parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per file written is enough
     tracking_uri = args.tracking_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-    try:
-        if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).is_file():
-            raise ReportError(f"no MLflow store at {tracking_uri}; run the report where the sweep ran or pass --tracking-uri")
-        trials, info = load_trials(tracking_uri, args.experiment)
-        table = paper_table(trials)
-        if not table["n"].any():
-            raise ReportError(f"experiment {args.experiment!r} has no completed trial yet ({len(trials)} trials: "
-                              f"{dict(trials['status'].value_counts())}); nothing to tabulate")
-        if args.compare:
-            table = compare_with_paper(table, load_paper())
-        text = render(table, args.format, compare=bool(args.compare))
-        print(text, end="")
-        if args.out:
-            Path(args.out).write_text(text)
-        configs = fetch_configs(tracking_uri, list(trials["run_id"])) if (args.parquet or args.configs) else {}
-        if args.parquet:
-            tasks = load_task_metrics(tracking_uri, list(trials["run_id"]))
-            for path in export_parquet(trials, tasks, configs, Path(args.parquet)):
-                print(f"wrote {path}")
-        if args.configs:
-            paths = export_configs(best_per_cell(trials), configs, Path(args.configs))
-            print(f"wrote {len(paths)} best configs to {args.configs} (rerun one: python -m cdl_core.run --config FILE)")
-        if args.plots:
-            from orchestrator.report_plots import draw_plots
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).is_file():
+        raise ReportError(f"no MLflow store at {tracking_uri}; run the report where the sweep ran or pass --tracking-uri")
+    reach_mlflow(tracking_uri)
+    trials, info = load_trials(tracking_uri, args.experiment)
+    table = paper_table(trials)
+    if not table["n"].any():
+        raise ReportError(f"experiment {args.experiment!r} has no completed trial yet ({len(trials)} trials: "
+                          f"{dict(trials['status'].value_counts())}); nothing to tabulate")
+    if args.compare:
+        table = compare_with_paper(table, load_paper())
+    text = render(table, args.format, compare=bool(args.compare))
+    print(text, end="")
+    if args.out:
+        Path(args.out).write_text(text)
+    configs = fetch_configs(tracking_uri, list(trials["run_id"])) if (args.parquet or args.configs) else {}
+    if args.parquet:
+        tasks = load_task_metrics(tracking_uri, list(trials["run_id"]))
+        for path in export_parquet(trials, tasks, configs, Path(args.parquet)):
+            print(f"wrote {path}")
+    if args.configs:
+        paths = export_configs(best_per_cell(trials), configs, Path(args.configs))
+        print(f"wrote {len(paths)} best configs to {args.configs} (rerun one: python -m cdl_core.run --config FILE)")
+    if args.plots:
+        from orchestrator.report_plots import draw_plots
 
-            for path in draw_plots(tracking_uri, trials, table, info, Path(args.plots)):
-                print(f"wrote {path}")
-    except ReportError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        best = best_per_cell(trials)
+        teacher_ids = sorted({t for t in best["teacher_run_id"].dropna() if t})
+        teacher_tasks = load_task_metrics(tracking_uri, teacher_ids) if teacher_ids else pd.DataFrame(columns=["run_id", "task"])
+        for path in draw_plots(tracking_uri, best, load_task_metrics(tracking_uri, list(best["run_id"])), teacher_tasks,
+                               table, info, Path(args.plots)):
+            print(f"wrote {path}")
     return 0
 
 

@@ -11,7 +11,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from orchestrator.report import best_per_cell, load_task_metrics  # noqa: E402
 from orchestrator.artifacts import save_matrix_artifacts  # noqa: E402
 
 
@@ -24,14 +23,12 @@ def accuracy_matrix(tasks: pd.DataFrame) -> list[list[float]]:
     return matrix
 
 
-def draw_plots(tracking_uri: str, trials: pd.DataFrame, table: pd.DataFrame, info: dict[str, Any], directory: Path) -> list[Path]:
+def draw_plots(tracking_uri: str, best: pd.DataFrame, tasks: pd.DataFrame, teacher_tasks: pd.DataFrame, table: pd.DataFrame,
+               info: dict[str, Any], directory: Path) -> list[Path]:
+    """The report's figures from the best trial per cell (`best`), their per-task metrics and their teachers'."""
     from mlflow.tracking import MlflowClient
 
     directory.mkdir(parents=True, exist_ok=True)
-    best = best_per_cell(trials)
-    tasks = load_task_metrics(tracking_uri, list(best["run_id"]))
-    teacher_ids = sorted({t for t in best["teacher_run_id"].dropna() if t})
-    teacher_tasks = load_task_metrics(tracking_uri, teacher_ids) if teacher_ids else pd.DataFrame(columns=["run_id", "task"])
     paths = []
 
     # accuracy after each task: one figure per (student, method, dataset), a line per row, seeds averaged

@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import itertools
 import pkgutil
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -19,15 +20,13 @@ from typing import Any
 
 import optuna
 
-from cdl_core.backbones import PRESETS
-from cdl_core.config import ConfigError, RunConfig
-from cdl_core.data import DATASETS
-from cdl_core.distill import KD_METHODS
-from cdl_core.prompts import PROMPT_METHODS
-
-
-class SpaceError(ValueError):
-    """A search space is unknown or malformed; the message says what and how to fix it."""
+from cdl_core.catalog.datasets import DATASETS
+from cdl_core.catalog.distill import KD_PARAMS
+from cdl_core.catalog.presets import PRESETS
+from cdl_core.catalog.prompts import PROMPT_PARAMS
+from cdl_core.config import RunConfig
+from cdl_core.errors import ConfigError
+from orchestrator.errors import SpaceError
 
 
 @dataclass(frozen=True)
@@ -136,8 +135,8 @@ class SweepSpace:
             raise SpaceError(f"space {self.name!r}: its keep filter leaves no cell")
         check("teacher", [t for t, _ in self.pairs if t], PRESETS)
         check("student", [s for _, s in self.pairs], PRESETS)
-        check("prompt method", self.methods, PROMPT_METHODS)
-        check("KD method", self.kd_methods, KD_METHODS)
+        check("prompt method", self.methods, PROMPT_PARAMS)
+        check("KD method", self.kd_methods, KD_PARAMS)
         check("dataset", self.datasets, DATASETS)
         check("pruner", [self.pruner], PRUNERS)
         if self.trials_per_cell < 1:
@@ -192,15 +191,28 @@ def load_space(name: str) -> SweepSpace:
         path = Path(name)
         if not path.is_file():
             raise SpaceError(f"space file {path} does not exist")
-        spec = importlib.util.spec_from_file_location(f"search_space_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        module = _import_space_file(path)
     else:
         if name not in available_spaces():
             raise SpaceError(f"unknown space {name!r}; available: {', '.join(available_spaces())} (or a path to a .py file)")
         module = importlib.import_module(f"search_spaces.{name}")
     space = getattr(module, "SPACE", None)
     if not isinstance(space, SweepSpace):
-        raise SpaceError(f"space module {name!r} must define SPACE = SweepSpace(...)")
+        raise SpaceError(f"space module {name!r} must define SPACE = SweepSpace(...) (see search_spaces/smoke.py)")
     # A copy: callers adjust it (the CLI's resource overrides), and an imported module's SPACE must stay as written.
     return replace(space).validate()
+
+
+def _import_space_file(path: Path) -> Any:
+    """Run a space file as a module; whatever goes wrong while it runs is the file's fault: say where."""
+    spec = importlib.util.spec_from_file_location(f"search_space_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as err:
+        raise SpaceError(f"space file {path}, line {err.lineno}: {err.msg}; fix the file and rerun") from None
+    except Exception as err:  # noqa: BLE001 - the file's own code failed; its traceback's last frame in it says where
+        frames = [f for f in traceback.extract_tb(err.__traceback__) if Path(f.filename) == path.resolve() or f.filename == str(path)]
+        where = f", line {frames[-1].lineno}" if frames else ""
+        raise SpaceError(f"space file {path}{where} failed to import: {type(err).__name__}: {err}; fix the file and rerun") from None
+    return module

@@ -18,13 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.space import Cell, SpaceError, SweepSpace, available_spaces, load_space
+from cdl_core.cli import run_cli
+from orchestrator.errors import SweepError
+from orchestrator.space import Cell, SweepSpace, available_spaces, load_space
 
 TRIALS_FILTER = "tags.role = 'trial'"  # MLflow search filter for a sweep's trial runs
-
-
-class SweepError(RuntimeError):
-    """The sweep cannot start as asked; the message says what is missing."""
 
 
 @dataclass
@@ -49,7 +47,7 @@ class Plan:
 
 def make_plan(space: SweepSpace) -> Plan:
     from cdl_core.config import RunConfig
-    from cdl_core.learner import teacher_key
+    from cdl_core.teacher_identity import teacher_key
 
     cells = space.cells()
     trials = {c.key: space.trials_for(c) for c in cells}
@@ -97,14 +95,14 @@ def check_resources(space: SweepSpace, cluster: dict[str, float]) -> None:
 
 def prepare_backbones(space: SweepSpace) -> None:
     """Pretrain the demo backbones the space uses once, here, before trials start — not in every trial at once."""
-    from cdl_core.backbones import PRESETS
+    from cdl_core.catalog.presets import uses_demo_pretraining
     from cdl_core.pretrain import ensure_demo_weights
 
     needed = set()
     for cell in space.cells():
         cfg = space.run_config(cell)
         for backbone in (cfg["student"], cfg["teacher"]):
-            if backbone and backbone["weights"] == "default" and PRESETS[backbone["preset"]].weights_source == "demo_pretrain":
+            if backbone and uses_demo_pretraining(backbone["preset"], backbone["weights"]):
                 needed.add(backbone["preset"])
     for name in sorted(needed):
         ensure_demo_weights(name)
@@ -121,7 +119,8 @@ def summarize(results: list[dict[str, Any]], metric: str) -> list[dict[str, Any]
         counts = Counter(r["status"] for r in items)
         done = [r for r in items if r["status"] == "completed"]
         best = max(done, key=lambda r: r["metrics"][metric], default=None)
-        rows.append({"cell": cell, "counts": counts, "best": best})
+        errors = sorted({r["metrics"]["config_error"] for r in items if "config_error" in r["metrics"]})
+        rows.append({"cell": cell, "counts": counts, "best": best, "errors": errors})
     return rows
 
 
@@ -134,6 +133,9 @@ def print_summary(rows: list[dict[str, Any]], metric: str) -> None:
             if best else f"{'-':>12} {'-':>8} {'-':>10}"
         )
         print(f"{row['cell']:<56} {counts['completed']:>4} {counts['pruned']:>6} {counts['failed']:>6} {values}")
+    for row in rows:
+        for message in row["errors"]:  # refused settings: each ended its trial at once, never retried
+            print(f"  failed, config error: {row['cell']}: {message}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,25 +162,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        space = load_space(args.space)
-        if args.cpus_per_trial is not None:
-            space.cpus_per_trial = args.cpus_per_trial
-        if args.gpus_per_trial is not None:
-            space.gpus_per_trial = args.gpus_per_trial
-        if args.max_concurrent < 0:
-            raise SweepError(f"--max-concurrent={args.max_concurrent} must be >= 0 (0: no limit)")
-        space.validate()
-        plan = make_plan(space)
-        if args.dry_run:
-            print_plan(space, plan, None if args.no_teacher_reuse else teacher_store_location(args))
-            return 0
-        return run_sweep(space, plan, args)
-    except (SpaceError, SweepError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    space = load_space(args.space)
+    if args.cpus_per_trial is not None:
+        space.cpus_per_trial = args.cpus_per_trial
+    if args.gpus_per_trial is not None:
+        space.gpus_per_trial = args.gpus_per_trial
+    if args.max_concurrent < 0:
+        raise SweepError(f"--max-concurrent={args.max_concurrent} must be >= 0 (0: no limit)")
+    space.validate()
+    plan = make_plan(space)
+    if args.dry_run:
+        print_plan(space, plan, None if args.no_teacher_reuse else teacher_store_location(args))
+        return 0
+    return run_sweep(space, plan, args)
 
 
 def storage_location(args: argparse.Namespace) -> str:
@@ -201,6 +203,20 @@ def teacher_store_location(args: argparse.Namespace) -> str:
 KEPT_CHECKPOINTS = 2
 
 
+def sweep_arguments(space: SweepSpace, args: argparse.Namespace) -> dict[str, Any]:
+    """The arguments this sweep runs with, resolved (default stores as absolute paths): recorded beside Tune's
+    experiment and compared on --resume (orchestrator.resume)."""
+    space_arg = str(Path(args.space).resolve()) if args.space.endswith(".py") else args.space
+    return {
+        "space": space_arg, "name": args.name or space.name,
+        "tracking_uri": args.tracking_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}",
+        "optuna_storage": args.optuna_storage or f"sqlite:///{Path.cwd() / 'optuna.db'}",
+        "storage_path": storage_location(args),
+        "teacher_store": None if args.no_teacher_reuse else teacher_store_location(args),
+        "max_concurrent": args.max_concurrent, "max_failures": args.max_failures, "mlflow_wait": args.mlflow_wait,
+    }
+
+
 def run_sweep(space: SweepSpace, plan: Plan, args: argparse.Namespace, trainable: Callable[..., None] | None = None) -> int:
     """Run the planned trials. `trainable` replaces `train_cdl` (the benchmark of the sweep's own overhead runs a
     no-op); it is called like train_cdl, with the trial's config and `teachers=`."""
@@ -209,13 +225,24 @@ def run_sweep(space: SweepSpace, plan: Plan, args: argparse.Namespace, trainable
     # written that many since the last snapshot, so the snapshot never names a deleted checkpoint. Tune's warning
     # about these forced snapshots is noise here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    # A write to a tracking server that is down fails within seconds and waits in the tracking outbox (which
-    # retries it), instead of MLflow's own retries holding it for minutes.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     # MLflow is the sweep's metrics store: of Tune's own loggers keep the JSON and CSV results (resume, the
     # fallback when MLflow is down), not TensorBoard event files, which cost the driver time at every report.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    # A trial whose config is refused reports only why (orchestrator.trainable), without the search metric; Tune's
+    # strict check would turn that one report into an error of the whole sweep.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    from orchestrator import resume
+    from orchestrator.services import reach_mlflow, reach_optuna
+
+    now = sweep_arguments(space, args)
+    sweep, experiment = now["name"], args.experiment or now["name"]
+    tracking_uri, optuna_url, storage, teacher_store = (now[k] for k in ("tracking_uri", "optuna_storage", "storage_path", "teacher_store"))
+    experiment_path = f"{storage.rstrip('/')}/{sweep}"
+    # Before Ray starts and before Tune saves anything: a refused resume or a bad URL leaves nothing behind.
+    adjusted = resume.check_resume(resume.read_record(experiment_path), now) if args.resume else []
+    reach_mlflow(tracking_uri)
+    reach_optuna(optuna_url, f"{sweep}/.preflight")
+
     import ray
     from optuna.trial import TrialState
     from ray import tune
@@ -227,20 +254,11 @@ def run_sweep(space: SweepSpace, plan: Plan, args: argparse.Namespace, trainable
     from orchestrator.tracking import LIVE, MlflowTracking
     from orchestrator.trainable import train_cdl
 
-    sweep = args.name or space.name
-    experiment = args.experiment or sweep
-    tracking_uri = args.tracking_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-    optuna_url = args.optuna_storage or f"sqlite:///{Path.cwd() / 'optuna.db'}"
-    storage = storage_location(args)
-    teacher_store = None if args.no_teacher_reuse else teacher_store_location(args)
-    experiment_path = f"{storage.rstrip('/')}/{sweep}"
-
     own_ray = not ray.is_initialized()  # a caller that already started Ray (a benchmark, a notebook) keeps it
     if own_ray:
         ray.init(address=args.address, include_dashboard=False, log_to_driver=True)
     try:
         check_resources(space, ray.cluster_resources())
-        check_tracking(tracking_uri)
         prepare_backbones(space)
         sharing = None
         if teacher_store is not None:
@@ -253,6 +271,7 @@ def run_sweep(space: SweepSpace, plan: Plan, args: argparse.Namespace, trainable
             if not tune.Tuner.can_restore(experiment_path):
                 raise SweepError(f"nothing to resume at {experiment_path}; start the sweep without --resume")
             tuner = tune.Tuner.restore(experiment_path, resourced, resume_unfinished=True, resume_errored=True)
+            resume.apply_adjustable(tuner, now, MlflowTracking)
         else:
             if tune.Tuner.can_restore(experiment_path):
                 raise SweepError(f"sweep {sweep!r} already exists at {experiment_path}; continue it with --resume or pick another --name")
@@ -275,6 +294,7 @@ def run_sweep(space: SweepSpace, plan: Plan, args: argparse.Namespace, trainable
                     progress_reporter=SweepProgress(space.metric), verbose=1,
                 ),
             )
+        resume.write_record(experiment_path, now)
         grid = tuner.fit()
     finally:
         if own_ray:
@@ -291,6 +311,8 @@ def run_sweep(space: SweepSpace, plan: Plan, args: argparse.Namespace, trainable
         status = {TrialState.COMPLETE: "completed", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}.get(state, "interrupted")
         results.append({"cell": result.config["cell"], "status": status, "metrics": result.metrics or {}})
     print_summary(summarize(results, space.metric), space.metric)
+    print(f"ran with: max concurrency {now['max_concurrent'] or 'as resources allow'}, max failures {now['max_failures']}, "
+          f"MLflow wait {now['mlflow_wait']:g} s" + (f" (changed on resume: {'; '.join(adjusted)})" if adjusted else ""))
     unfinished = plan.total_trials - sum(r["status"] != "interrupted" for r in results)
     if unfinished:
         print(f"\nsweep interrupted: {unfinished} of {plan.total_trials} trials not finished; rerun the same command with --resume to continue")
@@ -308,18 +330,6 @@ def run_sweep(space: SweepSpace, plan: Plan, args: argparse.Namespace, trainable
             f"{args.mlflow_wait:g} s; every trial's results are in Tune's storage at {experiment_path} (result.json per trial)"
         )
     return 0
-
-
-def check_tracking(tracking_uri: str) -> None:
-    """Stop before any trial runs when the tracking store cannot be reached at all."""
-    from mlflow.tracking import MlflowClient
-
-    try:
-        MlflowClient(tracking_uri).search_experiments(max_results=1)
-    except Exception as err:  # noqa: BLE001 - whatever the cause, the message below is what a user can act on
-        raise SweepError(
-            f"cannot reach MLflow at {tracking_uri} ({type(err).__name__}); start the tracking server or pass another --tracking-uri"
-        ) from None
 
 
 if __name__ == "__main__":

@@ -21,6 +21,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
+from cdl_core.cli import run_cli
+from cdl_core.errors import TeacherStoreError
+
 if TYPE_CHECKING:
     from cdl_core.teacher_store import TeacherStore
 
@@ -161,8 +164,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def prune(store: TeacherStore, args: argparse.Namespace) -> int:
-    from cdl_core.teacher_store import TeacherStoreError
-
     if not (args.key or args.partial or args.older_than is not None or args.stray):
         raise TeacherStoreError("prune needs a selection: --key K..., --partial, --older-than DAYS or --stray")
     keys = store.keys()
@@ -190,18 +191,18 @@ def prune(store: TeacherStore, args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cdl_core.teacher_store import TeacherStore, TeacherStoreError
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    from cdl_core.teacher_store import TeacherStore
 
     args = build_parser().parse_args(argv)
-    try:
-        store = TeacherStore(args.store)
-        if args.command == "list":
-            print_entries([describe_entry(store, key) for key in store.keys()])
-            return 0
-        return prune(store, args)
-    except TeacherStoreError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    store = TeacherStore(args.store)
+    if args.command == "list":
+        print_entries([describe_entry(store, key) for key in store.keys()])
+        return 0
+    return prune(store, args)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from ray.tune import Callback
 
 from orchestrator.artifacts import ARTIFACT_FILES, save_matrix_artifacts
+from orchestrator.errors import CONFIG_ERROR
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
     out = {}
@@ -49,7 +50,7 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 def trial_status(last_result: dict[str, Any] | None) -> str:
     """completed if the trial learned every task; a trial our sweep stopped earlier was pruned."""
-    if not last_result or "task" not in last_result:
+    if not last_result or "task" not in last_result or CONFIG_ERROR in last_result:
         return "failed"
     return "completed" if last_result["task"] >= last_result["n_tasks"] else "pruned"
 
@@ -327,6 +328,9 @@ class MlflowTracking(Callback):
 
     def _write_result(self, trial, result: dict) -> None:
         run_id = self.run_id(trial)
+        if CONFIG_ERROR in result:
+            self.client.set_tag(run_id, "error", result[CONFIG_ERROR])
+            return
         step = int(result["task"])
         key = result.get("teacher_key")
         if key is not None:
@@ -379,7 +383,7 @@ class MlflowTracking(Callback):
         self.client.set_tag(run_id, "status", status)
         if status == "pruned":
             self.client.set_tag(run_id, "pruned_after_task", str(last["task"]))
-        self.client.set_terminated(run_id, "FINISHED")
+        self.client.set_terminated(run_id, "FAILED" if status == "failed" else "FINISHED")
 
     def _write_error(self, trial) -> None:
         run_id = self.run_id(trial)

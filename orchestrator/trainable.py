@@ -2,7 +2,7 @@
 
 Thin on purpose: it validates the trial's RunConfig dict, resumes from the last task checkpoint if Tune
 restarted the trial, and after every task reports the metrics and saves a checkpoint (Tune keeps the last two,
-see sweep.KEPT_CHECKPOINTS). A sequential-schedule teacher comes from the sweep's teacher store (trained by the
+see sweep.KEPT_CHECKPOINTS). A config error ends the trial at once with one report naming it, never retried. A sequential-schedule teacher comes from the sweep's teacher store (trained by the
 first trial that needs it); trial checkpoints then hold only the student, and the accuracy artifacts the driver
 copies into MLflow.
 """
@@ -20,8 +20,10 @@ from ray import tune
 
 from cdl_core import metrics
 from cdl_core.config import RunConfig
+from cdl_core.errors import ConfigError, one_line
 from cdl_core.learner import ContinualRun, TaskReport
 from orchestrator.artifacts import save_matrix_artifacts
+from orchestrator.errors import CONFIG_ERROR
 from orchestrator.teachers import TeacherSharing
 
 STATE_FILE = "run_state.pt"
@@ -53,6 +55,15 @@ def task_metrics(run: ContinualRun, report: TaskReport) -> dict[str, Any]:
 
 
 def train_cdl(config: dict[str, Any], teachers: TeacherSharing | None = None) -> None:
+    try:
+        _train(config, teachers)
+    except ConfigError as err:
+        # A setting no retry can fix (Tune retries whatever a trial raises): end the trial now, reporting why.
+        # Optuna records it FAIL (no metric), MLflow tags it failed with the message, the summary lists it.
+        tune.report({CONFIG_ERROR: one_line(err)})
+
+
+def _train(config: dict[str, Any], teachers: TeacherSharing | None) -> None:
     cfg = RunConfig.from_dict(config["run"])
     shared = teachers is not None and cfg.teacher is not None and cfg.distill.schedule == "sequential"
     if shared:

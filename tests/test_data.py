@@ -21,6 +21,8 @@ from cdl_core.data import (
 )
 from cdl_core.data import fashion_mnist as fmnist_module
 from cdl_core.data.fashion_mnist import CLASS_NAMES, load_fashion_mnist
+from cdl_core.data.stream import LOADERS
+from cdl_core.errors import DataError
 
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 needs_fmnist = pytest.mark.skipif(
@@ -137,13 +139,14 @@ def test_fashion_mnist_reads_torchvision_layout_under_root(tmp_path, monkeypatch
     assert len(_stream(root=str(tmp_path)).tasks[0].test) == 400
 
 
-def _fake_imagenet_r(root: Path, n_classes: int = 4, per_class: int = 10) -> Path:
+def _fake_imagenet_r(root: Path, n_classes: int = 200, per_class: int = 5) -> Path:
+    """ImageNet-R's layout with tiny images: all 200 class folders unless asked for fewer."""
     rng = np.random.default_rng(0)
     for c in range(n_classes):
-        folder = root / "imagenet-r" / f"n0000000{c}"
+        folder = root / "imagenet-r" / f"n{c:08d}"
         folder.mkdir(parents=True)
         for i in range(per_class):
-            pixels = rng.integers(0, 256, size=(30, 40, 3), dtype=np.uint8)  # non-square on purpose
+            pixels = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)  # non-square on purpose
             Image.fromarray(pixels).save(folder / f"img{i}.jpg")
     return root
 
@@ -152,28 +155,38 @@ def test_imagenet_r_split_is_80_20_stored_and_verified(tmp_path):
     root = _fake_imagenet_r(tmp_path)
     kw = dict(name="imagenet_r", root=str(root), n_tasks=2, val_fraction=0.25)
     stream = _stream(size=24, **kw)
-    assert (stream.n_classes, stream.classes_per_task) == (4, 2)
+    assert (stream.n_classes, stream.classes_per_task) == (200, 100)
     for task in stream.tasks:
-        assert (len(task.train) + len(task.val), len(task.test)) == (2 * 8, 2 * 2)
+        assert (len(task.train) + len(task.val), len(task.test)) == (100 * 4, 100 * 1)
     x, y = stream.tasks[1].test[0]
-    assert x.shape == (3, 24, 24) and y in (2, 3)
+    assert x.shape == (3, 24, 24) and 100 <= y < 200
 
     split_path = root / "imagenet-r-split-seed0.json"
     checksum = Path(str(split_path) + ".sha256")
     data = split_path.read_bytes()
     assert hashlib.sha256(data).hexdigest() == checksum.read_text().strip()
     split = json.loads(data)
-    assert len(split["train"]) == 32 and len(split["test"]) == 8 and not set(split["train"]) & set(split["test"])
+    assert len(split["train"]) == 800 and len(split["test"]) == 200 and not set(split["train"]) & set(split["test"])
 
     # a second build reads the stored split back unchanged; root may also point at the imagenet-r folder
     again = _stream(size=24, **{**kw, "root": str(root / "imagenet-r")})
     assert split_path.read_bytes() == data
     assert again.describe()["fingerprint"] == stream.describe()["fingerprint"]
 
-    split["test"], split["train"] = split["train"][:8], split["train"][8:] + split["test"]
+    split["test"], split["train"] = split["train"][:200], split["train"][200:] + split["test"]
     split_path.write_text(json.dumps(split, indent=1))
     with pytest.raises(SplitFileError, match="delete"):
         _stream(size=24, **kw)
+
+
+def test_imagenet_r_with_missing_class_folders_is_refused(tmp_path):
+    root = _fake_imagenet_r(tmp_path, n_classes=7, per_class=2)
+    with pytest.raises(DataError, match="has 7 classes on disk but 200 are expected"):
+        _stream(name="imagenet_r", root=str(root))
+
+
+def test_every_catalogued_dataset_has_a_loader():
+    assert set(LOADERS) == set(DATASETS)
 
 
 def test_missing_imagenet_r_says_how_to_get_it(tmp_path):

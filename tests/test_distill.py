@@ -345,7 +345,7 @@ def test_unknown_distill_params_rejected_with_valid_list(method, bad, valid):
     [
         ("cdl_prompt", {"length": 5}, "even"),
         ("cdl_prompt", {"active_components": 0}, "at least 1"),
-        ("dkd", {"target_weight": -1.0}, ">= 0"),
+        ("dkd", {"target_weight": -1.0}, "must not be negative"),
     ],
 )
 def test_bad_distill_param_values_rejected(method, params, match):

@@ -16,16 +16,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from cdl_core.config import DataConfig
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """A dataset's files are missing; the message lists where we looked and how to get them."""
-
-    def __init__(self, dataset: str, looked_at: Sequence[Path | str], how_to_get: str) -> None:
-        paths = ", ".join(str(p) for p in looked_at) or "(no candidate paths)"
-        super().__init__(f"dataset {dataset!r} not found; looked at: {paths}; to get it: {how_to_get}")
-        self.dataset = dataset
-        self.looked_at = tuple(str(p) for p in looked_at)
+from cdl_core.errors import DatasetNotFoundError  # noqa: F401  (defined there; importable here as before)
 
 
 def default_data_root() -> Path:

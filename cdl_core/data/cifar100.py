@@ -7,7 +7,8 @@ import numpy as np
 import torch
 
 from cdl_core.config import DataConfig
-from cdl_core.data.base import DatasetNotFoundError, DatasetSource, SourceData, TensorImages, default_data_root
+from cdl_core.data.base import DatasetSource, SourceData, TensorImages, default_data_root
+from cdl_core.errors import DatasetNotFoundError
 
 HOW_TO_GET = (
     "set data.download=True when online (torchvision fetches cifar-100-python.tar.gz), or extract that archive "

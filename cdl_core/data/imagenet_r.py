@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from cdl_core.config import DataConfig
-from cdl_core.data.base import DatasetNotFoundError, DatasetSource, FileImages, SourceData, default_data_root
+from cdl_core.data.base import DatasetSource, FileImages, SourceData, default_data_root
+from cdl_core.errors import DatasetNotFoundError, SplitFileError
 
 log = logging.getLogger(__name__)
 
@@ -20,10 +21,6 @@ HOW_TO_GET = (
     "download imagenet-r.tar from the ImageNet-R project (https://github.com/hendrycks/imagenet-r) and extract it "
     "under data.root (or $CDL_DATA_ROOT / ~/.cache/cdl/data) so that <root>/imagenet-r/<wnid>/*.jpg exist"
 )
-
-
-class SplitFileError(RuntimeError):
-    """A stored split file is corrupted, edited, or belongs to a different image folder."""
 
 
 def _images_in(folder: Path) -> list[Path]:

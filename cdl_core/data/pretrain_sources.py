@@ -10,9 +10,9 @@ import numpy as np
 import torch
 
 from cdl_core.config import DataConfig
-from cdl_core.data.base import DatasetNotFoundError
 from cdl_core.data.fashion_mnist import CLASS_NAMES, FashionMNIST, load_fashion_mnist
 from cdl_core.data.stream import first_per_class
+from cdl_core.errors import DatasetNotFoundError
 
 log = logging.getLogger(__name__)
 

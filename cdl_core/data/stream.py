@@ -5,17 +5,20 @@ import logging
 
 import numpy as np
 
-from cdl_core.config import ConfigError, DataConfig
+from cdl_core.catalog.datasets import DATASETS, get_dataset
+from cdl_core.config import DataConfig
 from cdl_core.data.base import ClassIncrementalStream, DatasetSource, StreamDataset, TaskSplit
 from cdl_core.data.cifar100 import CIFAR100
 from cdl_core.data.fashion_mnist import FashionMNIST
 from cdl_core.data.imagenet_r import ImageNetR
 from cdl_core.data.synthetic import Synthetic
 from cdl_core.data.transforms import build_test_transform, build_train_transform
+from cdl_core.errors import DataError
 
 log = logging.getLogger(__name__)
 
-DATASETS: dict[str, type[DatasetSource]] = {cls.name: cls for cls in (FashionMNIST, CIFAR100, ImageNetR, Synthetic)}
+# How each catalogued dataset (cdl_core.catalog.datasets.DATASETS: class counts, protocol defaults) is read.
+LOADERS: dict[str, type[DatasetSource]] = {cls.name: cls for cls in (FashionMNIST, CIFAR100, ImageNetR, Synthetic)}
 
 
 def first_per_class(labels: np.ndarray, n_classes: int, cap: int | None) -> list[np.ndarray]:
@@ -37,16 +40,6 @@ def resolve_class_order(cfg: DataConfig, n_classes: int) -> tuple[int, ...]:
     return tuple(int(c) for c in np.random.default_rng(cfg.class_order_seed).permutation(n_classes))
 
 
-def resolve_n_tasks(cfg: DataConfig, n_classes: int) -> int:
-    n_tasks = cfg.n_tasks if cfg.n_tasks is not None else DATASETS[cfg.name].default_n_tasks
-    if n_classes % n_tasks:
-        divisors = ", ".join(str(d) for d in range(1, n_classes + 1) if n_classes % d == 0)
-        raise ConfigError(
-            f"data.n_tasks={n_tasks} does not divide the {n_classes} classes of {cfg.name}; use one of: {divisors}"
-        )
-    return n_tasks
-
-
 def _concat(parts: list[np.ndarray], labels: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """Concatenate per-class index arrays, giving each index its class's stream label."""
     stream_labels = [np.full(len(p), lab, dtype=np.int64) for p, lab in zip(parts, labels)]
@@ -61,19 +54,24 @@ def build_stream(
 ) -> ClassIncrementalStream:
     """Build the task stream described by `cfg`; image_size/mean/std come from the backbone."""
     cfg.validate()
-    source = DATASETS[cfg.name]
-    data = source.load(cfg)
+    info = get_dataset(cfg.name)
+    n_tasks = info.n_tasks(cfg.n_tasks)
+    data = LOADERS[cfg.name].load(cfg)
     n_classes = len(data.class_names)
-    n_tasks = resolve_n_tasks(cfg, n_classes)
+    if n_classes != info.n_classes:  # e.g. an ImageNet-R extraction missing class folders
+        raise DataError(
+            f"dataset {cfg.name!r} has {n_classes} classes on disk but {info.n_classes} are expected; its files are "
+            "incomplete: extract or download it again"
+        )
     per_task = n_classes // n_tasks
     order = resolve_class_order(cfg, n_classes)
 
-    train_cap = cfg.train_per_class if cfg.train_per_class is not None else source.default_train_per_class
-    test_cap = cfg.test_per_class if cfg.test_per_class is not None else source.default_test_per_class
+    train_cap = cfg.train_per_class if cfg.train_per_class is not None else info.default_train_per_class
+    test_cap = cfg.test_per_class if cfg.test_per_class is not None else info.default_test_per_class
     train_by_class = first_per_class(data.train_labels, n_classes, train_cap)
     test_by_class = first_per_class(data.test_labels, n_classes, test_cap)
 
-    test_tf = build_test_transform(image_size, mean, std, center_crop=source.center_crop_test)
+    test_tf = build_test_transform(image_size, mean, std, center_crop=info.center_crop_test)
     train_tf = (
         build_train_transform(image_size, mean, std, cfg.crop_scale_min) if cfg.train_augment else test_tf
     )

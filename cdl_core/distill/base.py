@@ -1,7 +1,6 @@
 """The one interface every distillation (KD) method implements, and its registry."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -9,7 +8,9 @@ import torch
 from torch import nn
 
 from cdl_core.backbones import Prefix
-from cdl_core.config import ConfigError, DistillConfig
+from cdl_core.catalog.distill import KDParams, resolve_kd_params
+from cdl_core.config import DistillConfig
+from cdl_core.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -42,32 +43,17 @@ class KDMethod(nn.Module):
     """
 
     name: ClassVar[str]
-    needs_teacher_prompts: ClassVar[bool] = False
+    Params: ClassVar[type[KDParams]]  # the method's parameters (cdl_core.catalog.distill)
 
-    @dataclass(frozen=True)
-    class Params:
-        pass
-
-    def __init__(self, cfg: DistillConfig, params: Any, ctx: KDContext) -> None:
+    def __init__(self, cfg: DistillConfig, params: KDParams, ctx: KDContext) -> None:
         super().__init__()
         self.cfg = cfg
         self.params = params
         self.ctx = ctx
 
     @classmethod
-    def resolve_params(cls, overrides: dict[str, Any]) -> Any:
-        valid = {f.name for f in dataclasses.fields(cls.Params)}
-        unknown = sorted(set(overrides) - valid)
-        if unknown:
-            listed = ", ".join(sorted(valid)) or "none"
-            raise ConfigError(f"distill.params for {cls.name}: unknown {', '.join(unknown)}; valid: {listed}")
-        params = cls.Params(**overrides)
-        cls.check_params(params)
-        return params
-
-    @classmethod
-    def check_params(cls, params: Any) -> None:
-        """Method-specific checks; raise ConfigError."""
+    def resolve_params(cls, overrides: dict[str, Any]) -> KDParams:
+        return resolve_kd_params(cls.name, overrides)
 
     def extra_prefixes(self, teacher_prompt_queries: dict[int, torch.Tensor]) -> dict[int, Prefix]:
         return {}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from cdl_core.catalog.distill import LogitKDParams
 from cdl_core.distill.base import KDMethod, TaskClasses, register_kd_method
 from cdl_core.distill.losses import current_task_cross_entropy, logit_kd
 
@@ -10,6 +11,7 @@ from cdl_core.distill.losses import current_task_cross_entropy, logit_kd
 @register_kd_method
 class LogitKD(KDMethod):
     name = "kd"
+    Params = LogitKDParams
 
     def loss(self, features, logits, teacher_logits, targets: torch.Tensor, classes: TaskClasses) -> torch.Tensor:
         a, current = self.cfg.alpha, slice(classes.past, classes.seen)

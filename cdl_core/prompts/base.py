@@ -1,7 +1,6 @@
 """The one interface every prompt method implements, and its registry."""
 from __future__ import annotations
 
-import dataclasses
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, NamedTuple
 
@@ -9,7 +8,8 @@ import torch
 from torch import nn
 
 from cdl_core.backbones import Prefix
-from cdl_core.config import ConfigError
+from cdl_core.catalog.prompts import PromptParams, resolve_prompt_params
+from cdl_core.errors import ConfigError
 
 
 class PromptOutput(NamedTuple):
@@ -24,45 +24,25 @@ class PromptMethod(nn.Module, ABC):
     """
 
     name: ClassVar[str]
-    Params: ClassVar[type]  # dataclass of the method's parameters; its defaults are the official ones
+    Params: ClassVar[type[PromptParams]]  # the method's parameters (cdl_core.catalog.prompts); defaults official
 
-    def __init__(self, params: Any, embed_dim: int, key_dim: int, n_tasks: int, depth: int) -> None:
+    def __init__(self, params: PromptParams, embed_dim: int, key_dim: int, n_tasks: int, depth: int) -> None:
         super().__init__()
+        params.check_against(n_tasks, depth, f"a backbone of depth {depth}")
         self.params = params
         self.embed_dim = embed_dim
         self.key_dim = key_dim
         self.n_tasks = n_tasks
-        bad = [layer for layer in self.layers if not 0 <= layer < depth]
-        if bad:
-            raise ConfigError(f"prompt.params layers {bad} do not exist in a backbone of depth {depth}")
         self.current_task = -1
 
     @classmethod
-    def resolve_params(cls, overrides: dict[str, Any]) -> Any:
-        valid = {f.name for f in dataclasses.fields(cls.Params)}
-        unknown = sorted(set(overrides) - valid)
-        if unknown:
-            raise ConfigError(
-                f"prompt.params for {cls.name}: unknown {', '.join(unknown)}; valid: {', '.join(sorted(valid))}"
-            )
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
-        params = cls.Params(**values)
-        for f in dataclasses.fields(params):
-            value = getattr(params, f.name)
-            numbers = value if isinstance(value, tuple) else (value,)
-            if any(isinstance(n, (int, float)) and not isinstance(n, bool) and n < 0 for n in numbers):
-                raise ConfigError(f"prompt.params.{f.name}={value!r} for {cls.name} must not be negative")
-        cls.check_params(params)
-        return params
-
-    @classmethod
-    def check_params(cls, params: Any) -> None:
-        """Method-specific checks; raise ConfigError."""
+    def resolve_params(cls, overrides: dict[str, Any]) -> PromptParams:
+        return resolve_prompt_params(cls.name, overrides)
 
     @property
-    @abstractmethod
     def layers(self) -> tuple[int, ...]:
         """Backbone layers that receive prompts."""
+        return self.params.prompted_layers
 
     def begin_task(self, task_id: int) -> None:
         self.current_task = task_id

@@ -2,25 +2,16 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cdl_core.config import ConfigError
+from cdl_core.catalog.prompts import CodaParams
 from cdl_core.prompts.base import PromptMethod, PromptOutput, register_prompt_method, split_prefix, uniform_parameter
 from cdl_core.prompts.orthogonal import orthonormal_extension
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class CodaParams:
-    pool_size: int = 100  # components in total; pool_size // n_tasks new ones per task
-    length: int = 8
-    layers: tuple[int, ...] = (0, 1, 2, 3, 4)
-    ortho_mu: float = 0.0  # weight of the orthogonality penalty (0 in the current official code)
 
 
 def attend_components(query: torch.Tensor, keys: torch.Tensor, attention: torch.Tensor, components: torch.Tensor) -> torch.Tensor:
@@ -43,8 +34,6 @@ class CodaPrompt(PromptMethod):
 
     def __init__(self, params: CodaParams, embed_dim: int, key_dim: int, n_tasks: int, depth: int) -> None:
         super().__init__(params, embed_dim, key_dim, n_tasks, depth)
-        if params.pool_size < n_tasks:
-            raise ConfigError(f"coda needs at least one component per task: pool_size={params.pool_size} < {n_tasks} tasks")
         self.per_task = params.pool_size // n_tasks
         if params.pool_size > key_dim:
             log.warning(
@@ -54,15 +43,6 @@ class CodaPrompt(PromptMethod):
         self.components = nn.ParameterDict({str(l): uniform_parameter(params.pool_size, params.length, embed_dim) for l in params.layers})
         self.keys = nn.ParameterDict({str(l): uniform_parameter(params.pool_size, key_dim) for l in params.layers})
         self.attention = nn.ParameterDict({str(l): uniform_parameter(params.pool_size, key_dim) for l in params.layers})
-
-    @classmethod
-    def check_params(cls, params: CodaParams) -> None:
-        if params.length < 2 or params.length % 2:
-            raise ConfigError(f"prompt.params.length={params.length} must be an even number >= 2 (key + value halves)")
-
-    @property
-    def layers(self) -> tuple[int, ...]:
-        return tuple(self.params.layers)
 
     def task_slice(self, task_id: int) -> tuple[int, int]:
         """Components [start, stop) that task `task_id` adds."""

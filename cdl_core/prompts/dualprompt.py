@@ -1,23 +1,12 @@
 """DualPrompt: a task-shared G-prompt in the first layers and a task-specific E-prompt pool above them."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cdl_core.config import ConfigError
+from cdl_core.catalog.prompts import DualPromptParams
 from cdl_core.prompts.base import PromptMethod, PromptOutput, register_prompt_method, split_prefix, uniform_parameter
-
-
-@dataclass(frozen=True)
-class DualPromptParams:
-    pool_size: int = 10  # E-prompts, one per task
-    length: int = 20  # E-prompt tokens (key half + value half)
-    layers: tuple[int, ...] = (2, 3, 4)  # E-prompt layers
-    g_length: int = 6
-    g_layers: tuple[int, ...] = (0, 1)
 
 
 @register_prompt_method
@@ -27,24 +16,9 @@ class DualPrompt(PromptMethod):
 
     def __init__(self, params: DualPromptParams, embed_dim: int, key_dim: int, n_tasks: int, depth: int) -> None:
         super().__init__(params, embed_dim, key_dim, n_tasks, depth)
-        if params.pool_size < n_tasks:
-            raise ConfigError(
-                f"dualprompt needs one E-prompt per task: pool_size={params.pool_size} < {n_tasks} tasks; raise prompt.params.pool_size"
-            )
         self.e_prompts = nn.ParameterDict({str(l): uniform_parameter(params.pool_size, params.length, embed_dim) for l in params.layers})
         self.e_keys = nn.ParameterDict({str(l): uniform_parameter(params.pool_size, key_dim) for l in params.layers})
         self.g_prompts = nn.ParameterDict({str(l): uniform_parameter(1, params.g_length, embed_dim) for l in params.g_layers})
-
-    @classmethod
-    def check_params(cls, params: DualPromptParams) -> None:
-        for name in ("length", "g_length"):
-            value = getattr(params, name)
-            if value < 2 or value % 2:
-                raise ConfigError(f"prompt.params.{name}={value} must be an even number >= 2 (key + value halves)")
-
-    @property
-    def layers(self) -> tuple[int, ...]:
-        return tuple(sorted(set(self.params.layers) | set(self.params.g_layers)))
 
     def forward(self, query: torch.Tensor, task_id: int, train: bool) -> PromptOutput:
         q = F.normalize(query, dim=1)

@@ -1,26 +1,16 @@
 """The "no prompts" control: frozen backbone + head only (DESIGN.md section 4)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from cdl_core.catalog.prompts import NoPromptParams
 from cdl_core.prompts.base import PromptMethod, PromptOutput, register_prompt_method
-
-
-@dataclass(frozen=True)
-class NoPromptParams:
-    pass
 
 
 @register_prompt_method
 class NoPrompt(PromptMethod):
     name = "none"
     Params = NoPromptParams
-
-    @property
-    def layers(self) -> tuple[int, ...]:
-        return ()
 
     def forward(self, query: torch.Tensor, task_id: int, train: bool) -> PromptOutput:
         return PromptOutput({}, query.new_zeros(()))
