@@ -44,7 +44,7 @@ def fake_metrics(task: int, n_tasks: int) -> dict[str, Any]:
     return out
 
 
-def noop_trial(config: dict[str, Any], teachers: Any = None) -> None:
+def noop_trial(config: dict[str, Any], teachers: Any = None, log_file: str | None = None) -> None:
     """A trial without training: reports each task like `train_cdl`, each with a tiny checkpoint."""
     import ray
     from ray import tune

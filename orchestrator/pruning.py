@@ -112,6 +112,9 @@ class PerCellOptunaSearch(Searcher):
         if trial_id in self.pruned:  # pruned before a driver restart, then restored from its last checkpoint
             return True
         trial = self._trial(trial_id)
+        if self.studies.study(self.cells[self.assigned[trial_id][0]]).trials[trial.number].state.is_finished():
+            # an errored trial restarted by --resume: Optuna recorded it FAIL and cannot reopen it
+            return False
         trial.report(value, step=task)
         if task < n_tasks and trial.should_prune():
             self.pruned[trial_id] = task

@@ -3,6 +3,8 @@
 A resumed sweep must write into the same space, stores and services it started with: those arguments are
 refused when they differ, naming each difference. Concurrency, retries and the MLflow wait may change; Tune
 keeps them in its pickled experiment, so a resume sets them on the restored Tuner (see `apply_adjustable`).
+The new retry count applies to every trial; the concurrency limit to the trials the search starts after the
+resume (Tune restarts the interrupted ones as resources allow).
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import json
 from typing import Any
 
 import pyarrow.fs as pafs
+from ray.tune import Callback
 
 from orchestrator.errors import SweepError
 
@@ -56,12 +59,25 @@ def check_resume(recorded: dict[str, Any] | None, now: dict[str, Any]) -> list[s
     return [f"{FLAGS[k]} {recorded.get(k)!r} -> {now[k]!r}" for k in ADJUSTABLE if recorded.get(k) != now[k]]
 
 
+class RetryLimit(Callback):
+    """Gives every trial that starts the resumed sweep's retry count: restored trials keep the one they were
+    created with otherwise."""
+
+    def __init__(self, max_failures: int) -> None:
+        self.max_failures = max_failures
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        trial.max_failures = self.max_failures
+
+
 def apply_adjustable(tuner: Any, now: dict[str, Any], tracking_callback_type: type) -> None:
     """Set the adjustable arguments on a restored Tuner. Tune has no public way to change its pickled
     TuneConfig/RunConfig on restore; its TunerInternal reads these attributes when `fit` starts the run."""
     internal = tuner._local_tuner
     internal._tune_config.max_concurrent_trials = now["max_concurrent"] or None
     internal._run_config.failure_config.max_failures = now["max_failures"]
-    for callback in internal._run_config.callbacks or []:
+    callbacks = [c for c in internal._run_config.callbacks or [] if not isinstance(c, RetryLimit)]
+    for callback in callbacks:
         if isinstance(callback, tracking_callback_type):
             callback.flush_timeout = now["mlflow_wait"]
+    internal._run_config.callbacks = [*callbacks, RetryLimit(now["max_failures"])]

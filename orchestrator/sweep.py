@@ -11,7 +11,6 @@ import argparse
 import logging
 import os
 import sys
-import urllib.parse
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -95,7 +94,7 @@ def check_resources(space: SweepSpace, cluster: dict[str, float]) -> None:
 
 def prepare_backbones(space: SweepSpace) -> None:
     """Pretrain the demo backbones the space uses once, here, before trials start — not in every trial at once."""
-    from cdl_core.catalog.presets import uses_demo_pretraining
+    from cdl_core.catalog.presets import demo_weights_path, uses_demo_pretraining
     from cdl_core.pretrain import ensure_demo_weights
 
     needed = set()
@@ -105,6 +104,8 @@ def prepare_backbones(space: SweepSpace) -> None:
             if backbone and uses_demo_pretraining(backbone["preset"], backbone["weights"]):
                 needed.add(backbone["preset"])
     for name in sorted(needed):
+        if not demo_weights_path(name).is_file():
+            print(f"pretraining the demo backbone {name} once (a few minutes on 2 cores; cached at {demo_weights_path(name)})", flush=True)
         ensure_demo_weights(name)
 
 
@@ -167,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # Warnings only until run_sweep routes the logs (orchestrator.console): planning and preflight stay quiet.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     space = load_space(args.space)
     if args.cpus_per_trial is not None:
         space.cpus_per_trial = args.cpus_per_trial
@@ -231,7 +233,10 @@ def run_sweep(space: SweepSpace, plan: Plan, args: argparse.Namespace, trainable
     # A trial whose config is refused reports only why (orchestrator.trainable), without the search metric; Tune's
     # strict check would turn that one report into an error of the whole sweep.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    from orchestrator import resume
+    # MLflow adds no handler of its own: its INFO lines ("Creating initial MLflow database tables") stay off the
+    # console, and once routed (orchestrator.console) go to the sweep's log file.
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+    from orchestrator import console, resume
     from orchestrator.services import reach_mlflow, reach_optuna
 
     now = sweep_arguments(space, args)
@@ -242,6 +247,14 @@ def run_sweep(space: SweepSpace, plan: Plan, args: argparse.Namespace, trainable
     adjusted = resume.check_resume(resume.read_record(experiment_path), now) if args.resume else []
     reach_mlflow(tracking_uri)
     reach_optuna(optuna_url, f"{sweep}/.preflight")
+    if teacher_store is not None:
+        from cdl_core.teacher_store import TeacherStore
+
+        TeacherStore(teacher_store).keys()  # reachable (an unknown filesystem or a denied bucket stops here)
+    log_file = console.route_driver_logs(
+        Path(experiment_path) / "sweep.log" if "://" not in experiment_path else Path.cwd() / f"{sweep}.log"
+    )
+    prepare_backbones(space)  # needs no cluster: a missing dataset stops the sweep before Ray starts
 
     import ray
     from optuna.trial import TrialState
@@ -257,15 +270,17 @@ def run_sweep(space: SweepSpace, plan: Plan, args: argparse.Namespace, trainable
     own_ray = not ray.is_initialized()  # a caller that already started Ray (a benchmark, a notebook) keeps it
     if own_ray:
         ray.init(address=args.address, include_dashboard=False, log_to_driver=True)
+    progress = SweepProgress(space.metric, [cell.key for cell in plan.cells], plan.total_trials)
     try:
+        warning_kinds = console.start_warning_registry()  # noqa: F841 (held: trials show each warning kind once)
         check_resources(space, ray.cluster_resources())
-        prepare_backbones(space)
         sharing = None
         if teacher_store is not None:
             sharing = TeacherSharing(teacher_store, f"cdl-teacher-leases:{sweep}")
             leases = start_lease_actor(sharing.lease_actor)  # noqa: F841 (held: the actor lives while the driver references it)
         resourced = tune.with_resources(
-            tune.with_parameters(trainable or train_cdl, teachers=sharing), {"cpu": space.cpus_per_trial, "gpu": space.gpus_per_trial}
+            tune.with_parameters(trainable or train_cdl, teachers=sharing, log_file=str(log_file)),
+            {"cpu": space.cpus_per_trial, "gpu": space.gpus_per_trial},
         )
         if args.resume:
             if not tune.Tuner.can_restore(experiment_path):
@@ -291,12 +306,13 @@ def run_sweep(space: SweepSpace, plan: Plan, args: argparse.Namespace, trainable
                                JsonLoggerCallback(), CSVLoggerCallback()],
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=KEPT_CHECKPOINTS),
                     failure_config=tune.FailureConfig(max_failures=args.max_failures),
-                    progress_reporter=SweepProgress(space.metric), verbose=1,
+                    progress_reporter=progress, verbose=1,
                 ),
             )
         resume.write_record(experiment_path, now)
         grid = tuner.fit()
     finally:
+        progress.close()
         if own_ray:
             ray.shutdown()
     # Statuses from Optuna, where the searcher told every outcome: Tune marks a trial that an interrupt (Ctrl-C)
@@ -317,13 +333,8 @@ def run_sweep(space: SweepSpace, plan: Plan, args: argparse.Namespace, trainable
     if unfinished:
         print(f"\nsweep interrupted: {unfinished} of {plan.total_trials} trials not finished; rerun the same command with --resume to continue")
     tracking = LIVE.pop(sweep, None)
-    served = tracking_uri if tracking_uri.startswith("http") else "http://127.0.0.1:5000"
-    print(f"\nMLflow UI: mlflow ui --backend-store-uri {tracking_uri}   (experiment {experiment!r})" if served != tracking_uri
-          else f"\nMLflow UI at {tracking_uri} (experiment {experiment!r})")
-    if tracking is not None:  # the runs table of this sweep's trials (MLflow otherwise opens its GenAI overview)
-        print(f"  open {served}/#/experiments/{tracking.experiment_id}/runs?workflowType=machine_learning"
-              f"&searchFilter={urllib.parse.quote(TRIALS_FILTER)}")
-    print(f"Optuna dashboard: optuna-dashboard {optuna_url}")
+    console.print_sweep_end(experiment, tracking_uri, optuna_url, runs_filter=TRIALS_FILTER,
+                            experiment_id=tracking.experiment_id if tracking is not None else None)
     if tracking is not None and tracking.unwritten:
         raise SweepError(
             f"MLflow at {tracking_uri} stayed unreachable: {tracking.unwritten} tracking writes were not done after waiting "

@@ -23,6 +23,7 @@ from cdl_core.config import RunConfig
 from cdl_core.errors import ConfigError, one_line
 from cdl_core.learner import ContinualRun, TaskReport
 from orchestrator.artifacts import save_matrix_artifacts
+from orchestrator.console import quiet_trial
 from orchestrator.errors import CONFIG_ERROR
 from orchestrator.teachers import TeacherSharing
 
@@ -54,7 +55,8 @@ def task_metrics(run: ContinualRun, report: TaskReport) -> dict[str, Any]:
     return out
 
 
-def train_cdl(config: dict[str, Any], teachers: TeacherSharing | None = None) -> None:
+def train_cdl(config: dict[str, Any], teachers: TeacherSharing | None = None, log_file: str | None = None) -> None:
+    quiet_trial(log_file)  # Ray's per-checkpoint lines and repeated warnings to the sweep's log, not the console
     try:
         _train(config, teachers)
     except ConfigError as err:

@@ -576,28 +576,6 @@ def test_save_matrix_artifacts_writes_the_matrix_csv_and_two_pngs(tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
 
 
-def test_progress_counts_trials_by_state_and_shows_best_completed_value_per_cell():
-    from types import SimpleNamespace
-
-    from orchestrator.progress import progress_lines
-
-    def trial(status, cell, task=None, value=None, n_tasks=5):
-        result = {} if task is None else {"task": task, "n_tasks": n_tasks, "val_avg_acc": value}
-        return SimpleNamespace(status=status, config={"cell": cell}, last_result=result)
-
-    trials = [
-        trial("RUNNING", "a", task=2, value=99.0),  # running: its value is not final, so not "best so far"
-        trial("PENDING", "b"),
-        trial("TERMINATED", "a", task=5, value=40.0),
-        trial("TERMINATED", "a", task=5, value=45.0),
-        trial("TERMINATED", "a", task=2, value=10.0),  # stopped before the last task: pruned
-        trial("ERROR", "b", task=1, value=50.0),
-    ]
-    lines = progress_lines(trials, "val_avg_acc").splitlines()
-    assert lines[0] == "trials: 1 running, 1 pending, 2 completed, 1 pruned, 1 failed"
-    assert len(lines) == 2 and lines[1].split()[-2:] == ["a", "45.00"]
-
-
 def test_a_trial_whose_accuracy_falls_faster_than_its_cells_is_pruned_although_its_first_task_was_as_good(tmp_path):
     """Continual accuracy falls as tasks arrive. The pruner sees the area under the accuracy curve so far
     (`val_acc_area`), so a trial that starts as well as the others but forgets faster is pruned; judged on
