@@ -6,7 +6,7 @@ Our side is everything but the training: per-cell Optuna studies in sqlite with 
 tracking (sqlite store) through its outbox, drained before run_sweep returns, the teacher lease actor, the
 progress reporter and the last two checkpoints kept per trial. The bare side is `tune.Tuner` with the same
 trainable and resources and nothing else. Each trial reports the metric keys of
-`orchestrator.trainable.task_metrics` with a tiny checkpoint, `--reports` times. Target: ours / bare <= 1.2x.
+`orchestrator.trainable.task_metrics` with a tiny checkpoint, `--reports` times (one per task of a synthetic stream, so 1, 2, 5 or 10). Target: ours / bare <= 1.2x.
 
     python bench/sweep_overhead.py                          # 200 trials x 10 reports each way, then the dry run
     python bench/sweep_overhead.py --trials 40 --reports 5  # a quicker look

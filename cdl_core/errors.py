@@ -31,6 +31,10 @@ class DatasetNotFoundError(DataError, FileNotFoundError):
         super().__init__(f"dataset {dataset!r} not found; looked at: {paths}; to get it: {how_to_get}")
         self.dataset = dataset
         self.looked_at = tuple(str(p) for p in looked_at)
+        self.how_to_get = how_to_get
+
+    def __reduce__(self) -> tuple:  # copied and pickled by Ray (a trial's error travels to the driver)
+        return type(self), (self.dataset, self.looked_at, self.how_to_get)
 
 
 class DatasetCorruptError(DataError):

@@ -22,6 +22,8 @@ from orchestrator.space import Cell, SweepSpace
 
 log = logging.getLogger(__name__)
 
+RETRY_OF = "retry_of"  # user attribute of an Optuna trial that continues a failed one of the same Tune trial
+
 
 class CellStudies:
     """One Optuna study per cell, named `<sweep>/<cell key>`, in one storage (sqlite file or RDB URL)."""
@@ -52,6 +54,14 @@ class CellStudies:
             self._studies[cell.key] = study
         return self._studies[cell.key]
 
+    def outcome(self, cell: Cell, number: int) -> optuna.trial.TrialState:
+        """The state of Optuna trial `number`, or of its latest retry (see PerCellOptunaSearch._retry)."""
+        trials = self.study(cell).trials
+        retries = {t.user_attrs[RETRY_OF]: t.number for t in trials if RETRY_OF in t.user_attrs}
+        while number in retries:
+            number = retries[number]
+        return trials[number].state
+
 
 class PerCellOptunaSearch(Searcher):
     """Hands out trials cell by cell (breadth first) from each cell's Optuna study and tells the outcome."""
@@ -65,14 +75,25 @@ class PerCellOptunaSearch(Searcher):
         self.quota = {key: space.trials_for(cell) for key, cell in self.cells.items()}
         self.assigned: dict[str, tuple[str, int]] = {}  # Tune trial id -> (cell key, Optuna trial number)
         self.pruned: dict[str, int] = {}  # Tune trial id -> task after which it was pruned
+        self.ended: set[str] = set()  # Tune trial ids told complete or errored
+        self.max_concurrent = 0  # 0: no limit
         self._live: dict[str, optuna.Trial] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         return self.__dict__ | {"_live": {}}
 
+    def set_max_concurrency(self, max_concurrent: int) -> bool:
+        """Tune's max_concurrent_trials, kept here rather than by Tune's ConcurrencyLimiter: the limiter forwards
+        the outcome only of trials it suggested itself, so after a --resume the restored trials' outcomes would
+        never reach Optuna."""
+        self.max_concurrent = max_concurrent
+        return True
+
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
         if trial_id in self.assigned:  # restored experiment re-asking for a known trial
             return None
+        if self.max_concurrent and len(self.assigned.keys() - self.ended) >= self.max_concurrent:
+            return None  # asked again once a trial ends
         asked = Counter(key for key, _ in self.assigned.values())
         open_cells = [c for c in self.cells.values() if asked[c.key] < self.quota[c.key]]
         if not open_cells:
@@ -105,16 +126,31 @@ class PerCellOptunaSearch(Searcher):
             self._live[trial_id] = optuna.trial.Trial(study, study.trials[number]._trial_id)
         return self._live[trial_id]
 
+    def _retry(self, trial_id: str) -> optuna.Trial:
+        """A new Optuna trial with the failed one's values, for its Tune trial resumed after an error (Optuna cannot
+        reopen a finished trial); `retry_of` links them, and `CellStudies.outcome` follows the link."""
+        key, number = self.assigned[trial_id]
+        cell, study = self.cells[key], self.studies.study(self.cells[key])
+        study.enqueue_trial(study.trials[number].params, user_attrs={RETRY_OF: number})
+        trial = study.ask()
+        if self.space.tune:
+            self.space.tune(trial, cell)  # define-by-run: suggesting again records the enqueued values as its params
+        trial.set_user_attr("tune_trial_id", trial_id)
+        self.assigned[trial_id] = (key, trial.number)
+        self._live[trial_id] = trial
+        log.info("Optuna trial %d of %s failed before its Tune trial was resumed: continued as trial %d", number, key, trial.number)
+        return trial
+
     def should_prune(self, trial_id: str, task: int, n_tasks: int, value: float) -> bool:
         """Report the trial's pruning signal (`space.prune_on`) after `task`; True if its cell's pruner stops it."""
         if trial_id not in self.assigned:
             return False
         if trial_id in self.pruned:  # pruned before a driver restart, then restored from its last checkpoint
             return True
+        self.ended.discard(trial_id)  # reporting again: an errored trial that --resume restarted
         trial = self._trial(trial_id)
         if self.studies.study(self.cells[self.assigned[trial_id][0]]).trials[trial.number].state.is_finished():
-            # an errored trial restarted by --resume: Optuna recorded it FAIL and cannot reopen it
-            return False
+            trial = self._retry(trial_id)  # an errored trial that --resume restarted: Optuna recorded it FAIL
         trial.report(value, step=task)
         if task < n_tasks and trial.should_prune():
             self.pruned[trial_id] = task
@@ -125,6 +161,7 @@ class PerCellOptunaSearch(Searcher):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id not in self.assigned:
             return
+        self.ended.add(trial_id)
         key, number = self.assigned[trial_id]
         study = self.studies.study(self.cells[key])
         # skip_if_finished: already told before a driver restart (and no read of the whole study to find out)
@@ -138,12 +175,12 @@ class PerCellOptunaSearch(Searcher):
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as fh:
-            pickle.dump({"assigned": self.assigned, "pruned": self.pruned}, fh)
+            pickle.dump({"assigned": self.assigned, "pruned": self.pruned, "ended": self.ended}, fh)
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as fh:
             state = pickle.load(fh)
-        self.assigned, self.pruned = state["assigned"], state["pruned"]
+        self.assigned, self.pruned, self.ended = state["assigned"], state["pruned"], state.get("ended", set())
 
 
 class OptunaPruningScheduler(FIFOScheduler):

@@ -5,6 +5,7 @@ is wrong and what to do, so a bad URL stops a sweep before Ray starts or Tune sa
 """
 from __future__ import annotations
 
+import logging
 import os
 import urllib.parse
 
@@ -27,12 +28,17 @@ def reach_mlflow(tracking_uri: str) -> None:
     from mlflow.tracking import MlflowClient
 
     use_short_mlflow_retries()
+    retries = logging.getLogger("urllib3.connectionpool")  # its "Retrying ..." warning would precede our one line
+    level = retries.level
+    retries.setLevel(logging.ERROR)
     try:
         MlflowClient(tracking_uri).search_experiments(max_results=1)
     except Exception as err:  # noqa: BLE001 - whatever the cause, the message below is what a user can act on
         raise ServiceUnreachableError(
             f"cannot reach MLflow at {tracking_uri} ({type(err).__name__}); start the tracking server or pass another --tracking-uri"
         ) from None
+    finally:
+        retries.setLevel(level)
 
 
 def reach_optuna(storage_url: str, probe_study: str) -> None:

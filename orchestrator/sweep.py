@@ -323,7 +323,7 @@ def run_sweep(space: SweepSpace, plan: Plan, args: argparse.Namespace, trainable
     for result in grid:
         if result.config is None:  # never started: the sweep was interrupted before this trial ran
             continue
-        state = studies.study(cells[result.config["cell"]]).trials[result.config["optuna_trial"]].state
+        state = studies.outcome(cells[result.config["cell"]], result.config["optuna_trial"])
         status = {TrialState.COMPLETE: "completed", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}.get(state, "interrupted")
         results.append({"cell": result.config["cell"], "status": status, "metrics": result.metrics or {}})
     print_summary(summarize(results, space.metric), space.metric)

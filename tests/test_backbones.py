@@ -201,3 +201,17 @@ def test_hub_weights_when_offline_raise_weights_unavailable_telling_to_pass_a_lo
     assert calls, "the hub path was not exercised"
     message = str(info.value)
     assert "vit_tiny_patch16_224" in message and "local state-dict file" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_metadata_is_what_timm_builds(name):
+    """Validation and planning read a preset's shape and input scaling from its metadata alone: it must be what
+    timm builds (and, for hub presets, the tag timm 1.0 loads under the bare name)."""
+    preset = PRESETS[name]
+    vit = timm.create_model(preset.timm_name, pretrained=False, num_classes=0, **preset.model_kwargs)
+    assert (vit.embed_dim, len(vit.blocks), vit.blocks[0].attn.num_heads, vit.patch_embed.img_size[0]) == (
+        preset.embed_dim, preset.depth, preset.num_heads, preset.image_size)
+    assert (tuple(vit.pretrained_cfg["mean"]), tuple(vit.pretrained_cfg["std"])) == (preset.mean, preset.std)
+    if preset.weights_source == "hub":
+        default = timm.models.get_pretrained_cfg(preset.timm_name)
+        assert (default.tag, default.hf_hub_id) == (preset.pretrained_tag, preset.hf_hub_id)

@@ -181,6 +181,11 @@ def test_resume_refuses_fixed_arguments_and_applies_the_adjustable_ones(tmp_path
     assert sorted((log / "finished.txt").read_text().split()) == ["0", "1", "2"]
     assert resume.read_record(experiment_path)["max_concurrent"] == 1
     assert [s.study_name for s in optuna.get_all_study_summaries(storage)] == [study]  # the probe study is gone
+    trials = optuna.load_study(study_name=study, storage=storage).trials
+    # Optuna cannot reopen the first run's FAIL trials: each resumed trial completed in a retry carrying its values
+    assert [t.state.name for t in trials] == ["FAIL"] * 3 + ["COMPLETE"] * 3
+    assert sorted((t.user_attrs["retry_of"], t.params["alpha"]) for t in trials[3:]) == sorted(
+        (t.number, t.params["alpha"]) for t in trials[:3])
 
 
 def test_check_resume_names_every_fixed_difference_and_lists_the_adjustable_ones():

@@ -2,6 +2,7 @@
 the dry-run plan, the resource check, per-cell Optuna search and pruning driven by hand, and the MLflow helpers."""
 from __future__ import annotations
 
+import pickle
 import re
 import textwrap
 from pathlib import Path
@@ -485,6 +486,38 @@ def test_errors_and_results_without_the_metric_are_told_as_failed(tmp_path):
         states[tid] = (trial.state, trial.value)
     assert states == {"t0": (optuna.trial.TrialState.FAIL, None), "t1": (optuna.trial.TrialState.FAIL, None),
                       "t2": (optuna.trial.TrialState.COMPLETE, 55.0)}
+
+
+def test_the_searcher_keeps_the_concurrency_limit_itself_counting_restored_trials(tmp_path):
+    space, searcher = tuned_space(tmp_path)
+    assert searcher.set_max_concurrency(2) is True  # so Tune's ConcurrencyLimiter forwards every outcome
+    assert searcher.suggest("t0") and searcher.suggest("t1")
+    assert searcher.suggest("t2") is None  # two unfinished: wait
+    checkpoint = tmp_path / "searcher.pkl"
+    searcher.save(str(checkpoint))
+    restored = PerCellOptunaSearch(space, CellStudies(space, "sweep1", searcher.studies.storage_url))  # a new driver
+    restored.set_max_concurrency(2)
+    restored.restore(str(checkpoint))
+    assert restored.suggest("t2") is None
+    restored.on_trial_complete("t0", {"val_avg_acc": 50.0})
+    assert restored.suggest("t2") is not None
+
+
+def test_an_errored_trial_resumed_by_tune_continues_in_a_retry_with_the_same_values(tmp_path):
+    space, searcher = tuned_space(tmp_path)
+    config = searcher.suggest("t0")
+    cell = searcher.cells[config["cell"]]
+    searcher.on_trial_complete("t0", None, error=True)  # errored for good in the first run: FAIL
+    assert searcher.studies.outcome(cell, config["optuna_trial"]) == optuna.trial.TrialState.FAIL
+    # --resume restarted it from its checkpoint: it reports its next task, then completes
+    assert searcher.should_prune("t0", 2, 3, 40.0) is False
+    searcher.on_trial_complete("t0", {"val_avg_acc": 61.0})
+    trials = searcher.studies.study(cell).trials
+    failed, retry = trials[config["optuna_trial"]], trials[-1]
+    assert failed.state == optuna.trial.TrialState.FAIL and retry.user_attrs["retry_of"] == failed.number
+    assert retry.params == failed.params == config["tuned"] and retry.intermediate_values == {2: 40.0}
+    assert retry.state == optuna.trial.TrialState.COMPLETE and retry.value == 61.0
+    assert searcher.studies.outcome(cell, config["optuna_trial"]) == optuna.trial.TrialState.COMPLETE
 
 
 def test_searcher_save_and_restore_keeps_assignments_and_pruned_trials(tmp_path):

@@ -233,13 +233,13 @@ def fake_demo_weights(presets: set[str]) -> None:
     import timm
 
     from cdl_core.backbones import PRESETS
-    from cdl_core.pretrain import weights_path
+    from cdl_core.catalog.presets import demo_weights_path
 
     for name in presets:
         preset = PRESETS[name]
         torch.manual_seed(0)
         model = timm.create_model(preset.timm_name, pretrained=False, num_classes=10, **preset.model_kwargs)
-        path = weights_path(name)
+        path = demo_weights_path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), path)
 

@@ -15,6 +15,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms.v2.functional import pil_to_tensor
 
+from cdl_core.catalog.datasets import DATASETS, DatasetInfo
 from cdl_core.config import DataConfig
 from cdl_core.errors import DatasetNotFoundError  # noqa: F401  (defined there; importable here as before)
 
@@ -77,12 +78,11 @@ class SourceData:
 class DatasetSource(ABC):
     """One registered dataset: its protocol defaults and how to load it."""
 
-    name: ClassVar[str]
-    default_n_tasks: ClassVar[int]
-    default_train_per_class: ClassVar[int | None] = None  # None: all images
-    default_test_per_class: ClassVar[int | None] = None
-    # ImageNet-style test transform (Resize(S*256/224) + CenterCrop(S)) instead of Resize(S)
-    center_crop_test: ClassVar[bool] = False
+    name: ClassVar[str]  # its entry in cdl_core.catalog.datasets (class count, protocol defaults)
+
+    @classmethod
+    def info(cls) -> DatasetInfo:
+        return DATASETS[cls.name]
 
     @classmethod
     @abstractmethod

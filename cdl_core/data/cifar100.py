@@ -33,7 +33,6 @@ def _read(root: Path, train: bool, download: bool):
 
 class CIFAR100(DatasetSource):
     name = "cifar100"
-    default_n_tasks = 10
 
     @classmethod
     def load(cls, cfg: DataConfig) -> SourceData:

@@ -129,9 +129,6 @@ def load_fashion_mnist(
 
 class FashionMNIST(DatasetSource):
     name = "fashion_mnist"
-    default_n_tasks = 5
-    default_train_per_class = 600
-    default_test_per_class = 200
 
     @classmethod
     def load(cls, cfg: DataConfig) -> SourceData:

@@ -94,8 +94,6 @@ def load_split(folder: Path, seed: int) -> dict:
 
 class ImageNetR(DatasetSource):
     name = "imagenet_r"
-    default_n_tasks = 10
-    center_crop_test = True
 
     @classmethod
     def load(cls, cfg: DataConfig) -> SourceData:

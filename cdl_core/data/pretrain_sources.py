@@ -49,8 +49,8 @@ def fashion_mnist_heldout(cfg: DataConfig, limit: int | None = None) -> tuple[to
     train_x, train_y, test_x, test_y = load_fashion_mnist(cfg.root, cfg.download)
     n = len(CLASS_NAMES)
     if cfg.name == "fashion_mnist":
-        train_cap = cfg.train_per_class if cfg.train_per_class is not None else FashionMNIST.default_train_per_class
-        test_cap = cfg.test_per_class if cfg.test_per_class is not None else FashionMNIST.default_test_per_class
+        train_cap = cfg.train_per_class if cfg.train_per_class is not None else FashionMNIST.info().default_train_per_class
+        test_cap = cfg.test_per_class if cfg.test_per_class is not None else FashionMNIST.info().default_test_per_class
         used_train = np.concatenate(first_per_class(train_y, n, train_cap))
         used_test = np.concatenate(first_per_class(test_y, n, test_cap))
     else:  # the stream is another dataset: every Fashion-MNIST image is held out

@@ -40,15 +40,12 @@ def generate(n_per_class: int, rng: np.random.Generator) -> tuple[torch.Tensor, 
 
 class Synthetic(DatasetSource):
     name = "synthetic"
-    default_n_tasks = 5
-    default_train_per_class = 60
-    default_test_per_class = 30
 
     @classmethod
     def load(cls, cfg: DataConfig) -> SourceData:
         # generate exactly what the caps ask for; independent seeds per split keep test fixed when train grows
-        n_train = cfg.train_per_class or cls.default_train_per_class
-        n_test = cfg.test_per_class or cls.default_test_per_class
+        n_train = cfg.train_per_class or cls.info().default_train_per_class
+        n_test = cfg.test_per_class or cls.info().default_test_per_class
         train_x, train_y = generate(n_train, np.random.default_rng([cfg.split_seed, 0]))
         test_x, test_y = generate(n_test, np.random.default_rng([cfg.split_seed, 1]))
         return SourceData(CLASS_NAMES, TensorImages(train_x), train_y, TensorImages(test_x), test_y)
