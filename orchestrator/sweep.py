@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cdl_core.cli import run_cli
-from orchestrator.errors import SweepError
+from orchestrator.errors import CONFIG_ERROR, SweepError
 from orchestrator.space import Cell, SweepSpace, available_spaces, load_space
 
 TRIALS_FILTER = "tags.role = 'trial'"  # MLflow search filter for a sweep's trial runs
@@ -120,7 +120,7 @@ def summarize(results: list[dict[str, Any]], metric: str) -> list[dict[str, Any]
         counts = Counter(r["status"] for r in items)
         done = [r for r in items if r["status"] == "completed"]
         best = max(done, key=lambda r: r["metrics"][metric], default=None)
-        errors = sorted({r["metrics"]["config_error"] for r in items if "config_error" in r["metrics"]})
+        errors = sorted({r["metrics"][CONFIG_ERROR] for r in items if CONFIG_ERROR in r["metrics"]})
         rows.append({"cell": cell, "counts": counts, "best": best, "errors": errors})
     return rows
 
@@ -219,6 +219,23 @@ def sweep_arguments(space: SweepSpace, args: argparse.Namespace) -> dict[str, An
     }
 
 
+def preflight(now: dict[str, Any], experiment_path: str, resuming: bool) -> list[str]:
+    """What is checked before Ray starts or Tune saves anything, so a refused resume or a bad URL leaves nothing
+    behind: the resume's arguments against the recorded ones (returns the adjustable ones that change), MLflow,
+    the Optuna storage and the teacher store."""
+    from orchestrator import resume
+    from orchestrator.services import reach_mlflow, reach_optuna
+
+    adjusted = resume.check_resume(resume.read_record(experiment_path), now) if resuming else []
+    reach_mlflow(now["tracking_uri"])
+    reach_optuna(now["optuna_storage"], f"{now['name']}/.preflight")
+    if now["teacher_store"] is not None:
+        from cdl_core.teacher_store import TeacherStore
+
+        TeacherStore(now["teacher_store"]).keys()  # reachable (an unknown filesystem or a denied bucket stops here)
+    return adjusted
+
+
 def run_sweep(space: SweepSpace, plan: Plan, args: argparse.Namespace, trainable: Callable[..., None] | None = None) -> int:
     """Run the planned trials. `trainable` replaces `train_cdl` (the benchmark of the sweep's own overhead runs a
     no-op); it is called like train_cdl, with the trial's config and `teachers=`."""
@@ -237,20 +254,12 @@ def run_sweep(space: SweepSpace, plan: Plan, args: argparse.Namespace, trainable
     # console, and once routed (orchestrator.console) go to the sweep's log file.
     os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
     from orchestrator import console, resume
-    from orchestrator.services import reach_mlflow, reach_optuna
 
     now = sweep_arguments(space, args)
     sweep, experiment = now["name"], args.experiment or now["name"]
     tracking_uri, optuna_url, storage, teacher_store = (now[k] for k in ("tracking_uri", "optuna_storage", "storage_path", "teacher_store"))
     experiment_path = f"{storage.rstrip('/')}/{sweep}"
-    # Before Ray starts and before Tune saves anything: a refused resume or a bad URL leaves nothing behind.
-    adjusted = resume.check_resume(resume.read_record(experiment_path), now) if args.resume else []
-    reach_mlflow(tracking_uri)
-    reach_optuna(optuna_url, f"{sweep}/.preflight")
-    if teacher_store is not None:
-        from cdl_core.teacher_store import TeacherStore
-
-        TeacherStore(teacher_store).keys()  # reachable (an unknown filesystem or a denied bucket stops here)
+    adjusted = preflight(now, experiment_path, args.resume)
     log_file = console.route_driver_logs(
         Path(experiment_path) / "sweep.log" if "://" not in experiment_path else Path.cwd() / f"{sweep}.log"
     )
