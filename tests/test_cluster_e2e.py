@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 
 from sweep_checks import (
     COMPLETE, KD_ALPHA, ROOT, TINY, check_optuna_matches_mlflow, check_tracked_sweep, free_port, mlflow_runs,
-    optuna_trials, steps, tune_rows, write_space,
+    optuna_trials, steps, stop_process_group, tune_rows, write_space,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("forbid_demo_pretraining")]
@@ -37,17 +37,6 @@ def alive_nodes(address: str, env: dict[str, str]) -> list[str]:
     probe = "import json, ray; ray.init(address=%r, logging_level='ERROR'); print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))"
     out = subprocess.run([sys.executable, "-c", probe % address], env=env, capture_output=True, text=True, timeout=120)
     return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else []
-
-
-def stop(process: subprocess.Popen) -> None:
-    """SIGTERM the node's process group (`ray start --block` and everything it started), SIGKILL if it lingers."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +70,7 @@ def cluster():
         yield SimpleNamespace(address=address, env=env, node_ids=set(node_ids))
     finally:
         for node in reversed(nodes):
-            stop(node)
+            stop_process_group(node)  # `ray start --block` and everything it started
         time.sleep(2)
         left = subprocess.run(["pgrep", "-f", str(base)], capture_output=True, text=True).stdout.split()
         for pid in left:  # fail the test, but never leave processes behind

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -13,6 +11,8 @@ import urllib.request
 from pathlib import Path
 
 import optuna
+
+from sweep_checks import stop_process_group
 
 CELLS = ("demo-t-demo-s.coda.kd.fashion_mnist.s0", "none-demo-s.coda.none.fashion_mnist.s0")
 
@@ -46,13 +46,7 @@ def test_optuna_dashboard_serves_every_cell_study_of_a_sweep(tmp_path):
                 assert time.monotonic() < deadline, "optuna-dashboard did not answer /api/studies"
                 time.sleep(0.2)
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
+        stop_process_group(process, timeout=10)
         log.close()
     assert sorted(s["study_name"] for s in studies) == [f"smoke/{cell}" for cell in CELLS]
     assert all(s["directions"] == ["maximize"] for s in studies)

@@ -4,7 +4,6 @@ and that a config error found inside a trial ends it at once instead of being re
 from __future__ import annotations
 
 import ast
-import json
 import subprocess
 import sys
 from pathlib import Path

@@ -2,7 +2,6 @@
 the dry-run plan, the resource check, per-cell Optuna search and pruning driven by hand, and the MLflow helpers."""
 from __future__ import annotations
 
-import pickle
 import re
 import textwrap
 from pathlib import Path

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from cdl_core.catalog.params import resolve_params
+from cdl_core.catalog.params import resolve_method_params
 from cdl_core.catalog.prompts import PromptParams
 from cdl_core.errors import ConfigError
 
@@ -79,8 +79,4 @@ KD_PARAMS: dict[str, type[KDParams]] = {cls.method: cls for cls in (NoKDParams, 
 
 
 def resolve_kd_params(method: str, overrides: dict[str, Any]) -> KDParams:
-    if method not in KD_PARAMS:
-        raise ConfigError(f"unknown distillation method {method!r}; valid: {', '.join(sorted(KD_PARAMS))}")
-    params = resolve_params(KD_PARAMS[method], overrides, f"{SECTION} for {method}")
-    params.check()
-    return params
+    return resolve_method_params(KD_PARAMS, "distillation method", SECTION, method, overrides)

@@ -26,6 +26,15 @@ def resolve_params(params_cls: type[P], overrides: dict[str, Any], where: str) -
     return params
 
 
+def resolve_method_params(registry: dict[str, type[P]], kind: str, section: str, method: str, overrides: dict[str, Any]) -> P:
+    """The checked params of `method` from a registry of Params classes (each with a `check()`)."""
+    if method not in registry:
+        raise ConfigError(f"unknown {kind} {method!r}; valid: {', '.join(sorted(registry))}")
+    params = resolve_params(registry[method], overrides, f"{section} for {method}")
+    params.check()
+    return params
+
+
 def even_length(section: str, name: str, value: int) -> None:
     if value < 2 or value % 2:
         raise ConfigError(f"{section}.{name}={value} must be an even number >= 2 (key + value halves)")

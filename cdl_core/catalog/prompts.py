@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from cdl_core.catalog.params import even_length, resolve_params
+from cdl_core.catalog.params import even_length, resolve_method_params
 from cdl_core.errors import ConfigError
 
 SECTION = "prompt.params"
@@ -23,6 +23,12 @@ class PromptParams:
 
     def check(self) -> None:
         """What the parameters alone decide; raise ConfigError."""
+
+    def pool_covers_tasks(self, n_tasks: int, needs: str) -> None:
+        pool_size = getattr(self, "pool_size")
+        if pool_size < n_tasks:
+            raise ConfigError(f"{self.method} needs {needs}: {SECTION}.pool_size={pool_size} < {n_tasks} tasks; "
+                              "raise pool_size or lower data.n_tasks")
 
     def check_against(self, n_tasks: int, depth: int, backbone: str) -> None:
         """What the task count and the backbone's depth decide; raise ConfigError."""
@@ -66,11 +72,7 @@ class DualPromptParams(PromptParams):
 
     def check_against(self, n_tasks: int, depth: int, backbone: str) -> None:
         super().check_against(n_tasks, depth, backbone)
-        if self.pool_size < n_tasks:
-            raise ConfigError(
-                f"dualprompt needs one E-prompt per task: {SECTION}.pool_size={self.pool_size} < {n_tasks} tasks; "
-                "raise pool_size or lower data.n_tasks"
-            )
+        self.pool_covers_tasks(n_tasks, "one E-prompt per task")
 
 
 @dataclass(frozen=True)
@@ -86,11 +88,7 @@ class CodaParams(PromptParams):
 
     def check_against(self, n_tasks: int, depth: int, backbone: str) -> None:
         super().check_against(n_tasks, depth, backbone)
-        if self.pool_size < n_tasks:
-            raise ConfigError(
-                f"coda needs at least one component per task: {SECTION}.pool_size={self.pool_size} < {n_tasks} tasks; "
-                "raise pool_size or lower data.n_tasks"
-            )
+        self.pool_covers_tasks(n_tasks, "at least one component per task")
 
 
 @dataclass(frozen=True)
@@ -102,8 +100,4 @@ PROMPT_PARAMS: dict[str, type[PromptParams]] = {cls.method: cls for cls in (L2PP
 
 
 def resolve_prompt_params(method: str, overrides: dict[str, Any]) -> PromptParams:
-    if method not in PROMPT_PARAMS:
-        raise ConfigError(f"unknown prompt method {method!r}; valid: {', '.join(sorted(PROMPT_PARAMS))}")
-    params = resolve_params(PROMPT_PARAMS[method], overrides, f"{SECTION} for {method}")
-    params.check()
-    return params
+    return resolve_method_params(PROMPT_PARAMS, "prompt method", SECTION, method, overrides)

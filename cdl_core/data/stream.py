@@ -5,7 +5,7 @@ import logging
 
 import numpy as np
 
-from cdl_core.catalog.datasets import DATASETS, get_dataset
+from cdl_core.catalog.datasets import DATASETS, get_dataset  # noqa: F401 (DATASETS re-exported by cdl_core.data)
 from cdl_core.config import DataConfig
 from cdl_core.data.base import ClassIncrementalStream, DatasetSource, StreamDataset, TaskSplit
 from cdl_core.data.cifar100 import CIFAR100
