@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +23,9 @@ from cdl_core.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[1]
 PROGRESS_LOG = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [\w.]+: ")  # cdl_core.run's logging format
 SMALL = ["--dataset", "synthetic", "--student-weights", "random", "--epochs", "1", "--out", "{tmp}/run.json"]
-# Sweeps below stop before any trial: their stores live in the test's folder.
-STORES = ["--name", "bad", "--tracking-uri", "sqlite:///{tmp}/mlflow.db", "--optuna-storage", "sqlite:///{tmp}/optuna.db",
-          "--storage-path", "{tmp}/results"]
+# Sweeps below stop before any trial: their stores live in a folder of their own ({store}), as cases run two at once.
+STORES = ["--name", "bad", "--tracking-uri", "sqlite:///{store}/mlflow.db", "--optuna-storage", "sqlite:///{store}/optuna.db",
+          "--storage-path", "{store}/results"]
 
 
 def write_idx(path: Path, array: np.ndarray, cut: int = 0) -> None:
@@ -123,14 +124,28 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_ends_with_one_error_line_and_exit_2(case, inputs):
-    command, fragment = CASES[case]
-    argv = [part.replace("{tmp}", str(inputs)) for part in command]
+def run_case(case: str, inputs: Path) -> tuple[list[str], subprocess.CompletedProcess]:
+    command, _ = CASES[case]
+    store = inputs / "stores" / re.sub(r"\W+", "_", case)
+    store.mkdir(parents=True)
+    argv = [part.replace("{tmp}", str(inputs)).replace("{store}", str(store)) for part in command]
     # No Fashion-MNIST anywhere (no system folder, empty caches) and no cached demo weights
     env = dict(os.environ, CDL_FASHION_MNIST_SYSTEM_DIRS="", CDL_DATA_ROOT=str(inputs / "empty"), HOME=str(inputs / "empty"),
                CDL_CACHE_DIR=str(inputs / "empty"), HF_HUB_OFFLINE="1")
-    done = subprocess.run([sys.executable, "-m", *argv], cwd=inputs, env=env, capture_output=True, text=True, timeout=300)
+    return argv, subprocess.run([sys.executable, "-m", *argv], cwd=inputs, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def outcomes(inputs: Path) -> dict[str, tuple[list[str], subprocess.CompletedProcess]]:
+    """Every case's command run once, two at a time (each is mostly a Python start-up importing torch or Ray)."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(CASES, pool.map(lambda case: run_case(case, inputs), CASES)))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_ends_with_one_error_line_and_exit_2(case, inputs, outcomes):
+    argv, done = outcomes[case]
+    fragment = CASES[case][1]
     # cdl_core.run logs its progress (timestamped lines) before the error; the orchestrator's CLIs print nothing else
     lines = [line for line in done.stderr.strip().splitlines() if argv[0] != "cdl_core.run" or not PROGRESS_LOG.match(line)]
     assert done.returncode == 2, (case, done.stdout[-2000:], done.stderr[-4000:])
