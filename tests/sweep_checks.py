@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 from mlflow.tracking import MlflowClient
@@ -20,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = {"student.weights": "random", "teacher.weights": "random", "data.n_tasks": 5, "data.train_per_class": 10,
         "data.test_per_class": 5, "data.train_augment": False, "train.batch_size": 8, "train.device": "cpu"}
 COMPLETE, PRUNED = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED
+RAY = str(Path(sys.executable).parent / "ray")
 
 
 def write_space(directory: Path, name: str, tune: str, **fields) -> str:
@@ -188,3 +194,49 @@ def stop_process_group(process: subprocess.Popen, timeout: float = 30) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=timeout)
+
+
+def alive_nodes(address: str, env: dict[str, str]) -> list[str]:
+    probe = "import json, ray; ray.init(address=%r, logging_level='ERROR'); print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))"
+    out = subprocess.run([sys.executable, "-c", probe % address], env=env, capture_output=True, text=True, timeout=120)
+    return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else []
+
+
+@contextmanager
+def ray_nodes(cpus: list[int], token_auth: bool = True):
+    """Ray nodes started the way the cluster launcher starts them: `ray start --head`, then `ray start --address`,
+    one process group and temp dir each, `cpus[i]` CPUs on node i, with Ray's token authentication unless
+    `token_auth` is false (`.env`: the environment a driver needs to join). A driver joining them only connects and
+    disconnects, so a worker killed by a test cannot take the driver's own Ray processes (and pytest) down at
+    shutdown. Stops every process it started and fails if any is left."""
+    base = Path(tempfile.mkdtemp(prefix="cdl-ray-", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    (base / "auth_token").write_text(secrets.token_hex(32))
+    # `ray start` defaults to token auth (as `ray up` sets it up); a driver that already imported ray has read its
+    # auth mode at import, so a test that joins from the pytest process opts out
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(base / "auth_token")} if token_auth else {"RAY_AUTH_MODE": "disabled"}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | auth | {
+        "PYTHONPATH": str(ROOT), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    address = f"127.0.0.1:{free_port()}"
+    nodes = []
+    try:
+        deadline = time.monotonic() + 120
+        for i, n_cpus in enumerate(cpus):
+            join = ["--head", f"--port={address.split(':')[1]}", "--include-dashboard=false"] if i == 0 else [f"--address={address}"]
+            nodes.append(subprocess.Popen(
+                [RAY, "start", *join, f"--temp-dir={base / f'n{i}'}", "--node-ip-address=127.0.0.1", f"--num-cpus={n_cpus}",
+                 "--num-gpus=0", "--disable-usage-stats", "--block"],
+                env=env, stdout=(base / f"node{i}.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+            ))
+            while len(node_ids := alive_nodes(address, env)) < i + 1:
+                assert nodes[i].poll() is None and time.monotonic() < deadline, (base / f"node{i}.log").read_text()[-3000:]
+                time.sleep(1)
+        yield SimpleNamespace(address=address, env=env, node_ids=set(node_ids))
+    finally:
+        for node in reversed(nodes):
+            stop_process_group(node)  # `ray start --block` and everything it started
+        time.sleep(2)
+        left = subprocess.run(["pgrep", "-f", str(base)], capture_output=True, text=True).stdout.split()
+        for pid in left:  # fail the test, but never leave processes behind
+            os.kill(int(pid), signal.SIGKILL)
+        shutil.rmtree(base, ignore_errors=True)
+        assert not left, f"processes of the test cluster were still running: {left}"

@@ -10,73 +10,27 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from sweep_checks import (
-    COMPLETE, KD_ALPHA, ROOT, TINY, check_optuna_matches_mlflow, check_tracked_sweep, free_port, mlflow_runs,
-    optuna_trials, steps, stop_process_group, tune_rows, write_space,
+    COMPLETE, KD_ALPHA, TINY, check_optuna_matches_mlflow, check_tracked_sweep, mlflow_runs,
+    optuna_trials, ray_nodes, steps, tune_rows, write_space,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("forbid_demo_pretraining")]
 
-RAY = str(Path(sys.executable).parent / "ray")
-
-
-def alive_nodes(address: str, env: dict[str, str]) -> list[str]:
-    probe = "import json, ray; ray.init(address=%r, logging_level='ERROR'); print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))"
-    out = subprocess.run([sys.executable, "-c", probe % address], env=env, capture_output=True, text=True, timeout=120)
-    return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else []
-
 
 @pytest.fixture(scope="module")
 def cluster():
-    base = Path(tempfile.mkdtemp(prefix="cdl-ray-", dir="/tmp"))  # short: Ray's socket paths have a length limit
-    token = base / "auth_token"
-    token.write_text(secrets.token_hex(32))
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)} | {
-        "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "PYTHONPATH": str(ROOT),
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-    }
-    address = f"127.0.0.1:{free_port()}"
-    common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0", "--disable-usage-stats", "--block"]
-    nodes = []
-    try:
-        nodes.append(subprocess.Popen(
-            [RAY, "start", "--head", f"--port={address.split(':')[1]}", "--include-dashboard=false", f"--temp-dir={base / 'h'}", *common],
-            env=env, stdout=(base / "head.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-        ))
-        deadline = time.monotonic() + 120
-        while not alive_nodes(address, env):
-            assert nodes[0].poll() is None and time.monotonic() < deadline, (base / "head.log").read_text()[-3000:]
-            time.sleep(1)
-        nodes.append(subprocess.Popen(
-            [RAY, "start", f"--address={address}", f"--temp-dir={base / 'w'}", *common],
-            env=env, stdout=(base / "worker.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-        ))
-        while len(node_ids := alive_nodes(address, env)) < 2:
-            assert nodes[1].poll() is None and time.monotonic() < deadline, (base / "worker.log").read_text()[-3000:]
-            time.sleep(1)
-        yield SimpleNamespace(address=address, env=env, node_ids=set(node_ids))
-    finally:
-        for node in reversed(nodes):
-            stop_process_group(node)  # `ray start --block` and everything it started
-        time.sleep(2)
-        left = subprocess.run(["pgrep", "-f", str(base)], capture_output=True, text=True).stdout.split()
-        for pid in left:  # fail the test, but never leave processes behind
-            os.kill(int(pid), signal.SIGKILL)
-        shutil.rmtree(base, ignore_errors=True)
-        assert not left, f"processes of the test cluster were still running: {left}"
+    with ray_nodes([1, 1]) as nodes:
+        yield nodes
 
 
 def sweep(cluster, workdir: Path, *args: str, log: str = "sweep.log") -> subprocess.Popen:

@@ -39,6 +39,7 @@ from cdl_core.learner import ContinualRun, teacher_identity, teacher_key
 from cdl_core.teacher_store import TEMP_PREFIX, TeacherEntry, TeacherStore, TeacherStoreError, content_key
 from orchestrator import teachers as teachers_cli
 from orchestrator.teachers import LeaseTable, TeacherSharing, start_lease_actor
+from sweep_checks import ray_nodes
 
 pytestmark = pytest.mark.usefixtures("forbid_demo_pretraining")
 
@@ -778,11 +779,16 @@ def test_release_by_a_non_holder_is_a_no_op():
 
 @pytest.fixture(scope="module")
 def ray_session():
+    """A 2-CPU Ray node in its own processes: these tests kill a worker, and an in-process `ray.init` node can take
+    the driver (pytest) down with exit code 1 while it shuts down after that (seen once in CI)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    with ray_nodes([2], token_auth=False) as node:
+        ray.init(address=node.address, log_to_driver=False)
+        try:
+            yield ray
+        finally:
+            ray.shutdown()
 
 
 @pytest.mark.slow
