@@ -3,7 +3,9 @@
 One `RunConfig` describes one run completely. It serialises to a plain dict (`to_dict`) and back
 (`RunConfig.from_dict`), which is what the orchestrator passes around and what `cdl_core.run --config`
 reads. Every choice that changes results (class order, test-time prompt selection, weights source, ...)
-is an explicit field here so that it is logged with the run.
+is an explicit field here so that it is logged with the run. The choices in which the official CDL code and a
+plain timm setup differ default to None and take the run's `protocol` value when validated
+(`cdl_core.catalog.protocols`); a value set explicitly wins.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from cdl_core.catalog.datasets import get_dataset
 from cdl_core.catalog.distill import KD_PARAMS, resolve_kd_params
 from cdl_core.catalog.presets import DEMO_RECIPES, FASHION_RESERVED_PER_CLASS, PRESETS, get_preset, uses_demo_pretraining
 from cdl_core.catalog.prompts import PROMPT_PARAMS, resolve_prompt_params
+from cdl_core.catalog.protocols import PROTOCOLS, fill_from_protocol
 from cdl_core.errors import ConfigError
 
 __all__ = ["BackboneConfig", "ConfigError", "DataConfig", "DistillConfig", "PromptConfig", "RunConfig", "TrainConfig"]
@@ -38,15 +41,26 @@ class DataConfig:
     class_order_seed: int = 0
     train_per_class: int | None = None  # None: dataset default (fashion_mnist 600, others all)
     test_per_class: int | None = None  # None: dataset default (fashion_mnist 200, others all)
-    val_fraction: float = 0.1  # carved from each task's training data; tuning reads this, never test
+    # Carved from each task's training data; tuning reads this, never test. Protocol: official 0 (no validation
+    # split, every training image trains), timm 0.1.
+    val_fraction: float | None = None
     split_seed: int = 0
+    # Protocol: official "unit" (ToTensor only, [0, 1]); timm "mean_std" (the backbone weights' own mean/std).
+    input_scaling: Literal["unit", "mean_std"] | None = None
+    # imagenet_r only: a folder holding the official split lists imagenet-r_train.yaml and imagenet-r_test.yaml
+    # (CODA-Prompt / CDL repositories) with their class ids; None: our own deterministic per-class split.
+    split_files: str | None = None
     train_augment: bool = True  # RandomResizedCrop + horizontal flip
     crop_scale_min: float = 0.08
     download: bool = False  # let torchvision download cifar100/fashion_mnist when online
 
     def validate(self) -> None:
+        fill_from_protocol(self, "data", "official")  # alone (not in a RunConfig): the default protocol
         get_dataset(self.name)
         _one_of("data.class_order", self.class_order, ("sorted", "shuffled"))
+        _one_of("data.input_scaling", self.input_scaling, ("unit", "mean_std"))
+        if self.split_files is not None and self.name != "imagenet_r":
+            raise ConfigError(f"data.split_files is for imagenet_r's official split lists, not {self.name!r}; remove it")
         if self.n_tasks is not None and self.n_tasks < 1:
             raise ConfigError(f"data.n_tasks={self.n_tasks} must be at least 1")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -95,13 +109,20 @@ class DistillConfig:
     method: str = "none"
     schedule: Literal["sequential", "joint"] = "sequential"
     alpha: float = 0.5  # weight of the distillation term; CE gets (1 - alpha)
-    temperature: float = 2.0
+    temperature: float | None = None  # None: the method's own default (kd and cdl_prompt 2, dkd 4 as the official code)
     params: dict[str, Any] = field(default_factory=dict)  # method-specific, e.g. dkd's weights
+    # A KD head's share of the student's prediction. Protocol: "weighted" (1 - alpha) z_last + alpha z_kd
+    # (official code); "mean" (z_last + z_kd) / 2 whatever alpha is.
+    prediction: Literal["weighted", "mean"] | None = None
 
     def validate(self) -> None:
+        fill_from_protocol(self, "distill", "official")
         _one_of("distill.method", self.method, sorted(KD_PARAMS))
+        if self.temperature is None:
+            self.temperature = KD_PARAMS[self.method].default_temperature
         resolve_kd_params(self.method, self.params)
         _one_of("distill.schedule", self.schedule, ("sequential", "joint"))
+        _one_of("distill.prediction", self.prediction, ("weighted", "mean"))
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"distill.alpha={self.alpha} must be in [0, 1]")
         if self.temperature <= 0:
@@ -118,7 +139,10 @@ class TrainConfig:
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
-    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    # Per epoch e of K. Protocol: official "official_cosine" lr * cos(99 pi max(e-1, 0) / (200 (K-1))) (the
+    # official code's schedule); timm "cosine" (torch's CosineAnnealingLR). "constant": lr throughout.
+    lr_schedule: Literal["official_cosine", "cosine", "constant"] | None = None
+    drop_last: bool | None = None  # drop each epoch's last partial training batch. Protocol: official yes, timm no
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_workers: int = 0
@@ -129,6 +153,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the backbone passes
 
     def validate(self) -> None:
+        fill_from_protocol(self, "train", "official")
         if self.epochs < 1:
             raise ConfigError(f"train.epochs={self.epochs} must be at least 1")
         if self.batch_size < 1 or self.eval_batch_size < 1:
@@ -139,7 +164,7 @@ class TrainConfig:
             raise ConfigError(f"train.betas={self.betas} must be two numbers in [0, 1)")
         if self.weight_decay < 0:
             raise ConfigError(f"train.weight_decay={self.weight_decay} must be >= 0")
-        _one_of("train.lr_schedule", self.lr_schedule, ("cosine", "constant"))
+        _one_of("train.lr_schedule", self.lr_schedule, ("official_cosine", "cosine", "constant"))
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"train.device={self.device!r} is not valid; use auto, cpu, cuda or cuda:N")
         if self.num_workers < 0:
@@ -154,6 +179,9 @@ class RunConfig:
     Without a teacher, the student is simply the continual learner (this is also how a teacher is trained).
     """
 
+    # Where the fields left unset (None) take their values: "official" (the official CDL code) or "timm"
+    # (cdl_core.catalog.protocols lists both and how they differ).
+    protocol: str = "official"
     data: DataConfig = field(default_factory=DataConfig)
     student: BackboneConfig = field(default_factory=BackboneConfig)
     teacher: BackboneConfig | None = None
@@ -164,8 +192,17 @@ class RunConfig:
     prompt: PromptConfig = field(default_factory=PromptConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # Which forgetting the summary's `forgetting` shows; both are always computed, as `forgetting_cdl` (mean over
+    # all T tasks of R[j][j] - R[T][j], as the official trainer prints it) and `forgetting_chaudhry` (mean over
+    # j < T of max_l R[l][j] - R[T][j]). Protocol: official "cdl", timm "chaudhry".
+    forgetting: Literal["cdl", "chaudhry"] | None = None
 
     def validate(self) -> "RunConfig":
+        _one_of("protocol", self.protocol, list(PROTOCOLS))
+        fill_from_protocol(self, "", self.protocol)
+        for name in ("data", "train", "distill"):
+            fill_from_protocol(getattr(self, name), name, self.protocol)
+        _one_of("forgetting", self.forgetting, ("cdl", "chaudhry"))
         self.data.validate()
         self.student.validate("student")
         if self.teacher is not None:

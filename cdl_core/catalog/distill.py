@@ -17,6 +17,7 @@ class KDParams:
 
     method: ClassVar[str]
     needs_teacher_prompts: ClassVar[bool] = False  # maps the teacher's prompts (a prompt method must make some)
+    default_temperature: ClassVar[float] = 2.0  # distill.temperature when it is not set
 
     def check(self) -> None:
         """What the parameters alone decide; raise ConfigError."""
@@ -38,6 +39,7 @@ class LogitKDParams(KDParams):
 @dataclass(frozen=True)
 class DKDParams(KDParams):
     method: ClassVar[str] = "dkd"
+    default_temperature: ClassVar[float] = 4.0  # the official code's DKD has its own fixed T = 4 (it ignores Soft_T)
     target_weight: float = 1.0  # DKD's alpha (TCKD); official CDL code: 1
     non_target_weight: float = 4.0  # DKD's beta (NCKD); official CDL code: 4
 
