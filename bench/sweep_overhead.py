@@ -36,7 +36,8 @@ def fake_metrics(task: int, n_tasks: int) -> dict[str, Any]:
     row = [80.0] * task
     out: dict[str, Any] = {"task": task, "n_tasks": n_tasks}
     for split in ("val", "test"):
-        out |= {f"{split}_avg_acc": 80.0, f"{split}_forgetting": 0.0, f"{split}_avg_incremental_acc": 80.0,
+        out |= {f"{split}_avg_acc": 80.0, f"{split}_forgetting": 0.0, f"{split}_forgetting_cdl": 0.0,
+                f"{split}_forgetting_chaudhry": 0.0, f"{split}_avg_incremental_acc": 80.0,
                 f"{split}_acc_area": 80.0 * task}
     out |= {f"test_acc_task{j + 1}": acc for j, acc in enumerate(row)}
     out["test_matrix"] = json.dumps([[80.0] * (t + 1) for t in range(task)])
@@ -62,7 +63,7 @@ def write_space(directory: Path, trials: int, reports: int) -> Path:
     values per trial, so each trial really asks its cell's Optuna study."""
     cells = max(n for n in range(1, MAX_CELLS + 1) if trials % n == 0)
     base = {"student.weights": "random", "teacher.weights": "random", "data.name": "synthetic", "data.n_tasks": reports,
-            "train.device": "cpu"}
+            "train.device": "cpu", "data.val_fraction": 0.1}
     path = directory / f"overhead_{trials}.py"
     path.write_text(
         "from orchestrator.space import SweepSpace\n\n\n"

@@ -131,7 +131,7 @@ def state_dict_sha256(module: nn.Module) -> str:
 
 def weights_source_id(cfg: BackboneConfig) -> str:
     """Names the weights `cfg` loads without loading them (see cdl_core.catalog.presets.weights_source_id)."""
-    return _weights_source_id(cfg.preset, cfg.weights)
+    return _weights_source_id(cfg.preset, cfg.weights, cfg.pretrained_tag)
 
 
 def create_backbone(cfg: BackboneConfig) -> FrozenViT:
@@ -150,10 +150,11 @@ def create_backbone(cfg: BackboneConfig) -> FrozenViT:
             vit = timm.create_model(preset.timm_name, pretrained=False, **kwargs)
     elif weights == "default":
         try:
-            vit = timm.create_model(preset.hub_model, pretrained=True, **kwargs)
-        except Exception as err:  # hub unreachable, offline, missing cache
+            vit = timm.create_model(preset.hub_model(cfg.pretrained_tag), pretrained=True, **kwargs)
+        except Exception as err:  # hub unreachable, offline, missing cache, unknown tag
             raise WeightsUnavailableError(
-                f"could not load pretrained weights for {preset.name} from the Hugging Face hub ({type(err).__name__}); "
+                f"could not load pretrained weights {preset.hub_model(cfg.pretrained_tag)} for {preset.name} from the Hugging "
+                f"Face hub ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}); "
                 "when offline set the backbone's weights to a local state-dict file (e.g. --student-weights PATH) or 'random'"
             ) from err
     else:

@@ -19,7 +19,7 @@ from cdl_core.catalog.datasets import get_dataset
 from cdl_core.catalog.distill import KD_PARAMS, resolve_kd_params
 from cdl_core.catalog.presets import DEMO_RECIPES, FASHION_RESERVED_PER_CLASS, PRESETS, get_preset, uses_demo_pretraining
 from cdl_core.catalog.prompts import PROMPT_PARAMS, resolve_prompt_params
-from cdl_core.catalog.protocols import PROTOCOLS, fill_from_protocol
+from cdl_core.catalog.protocols import PROTOCOLS, fill_from_protocol, get_protocol
 from cdl_core.errors import ConfigError
 
 __all__ = ["BackboneConfig", "ConfigError", "DataConfig", "DistillConfig", "PromptConfig", "RunConfig", "TrainConfig"]
@@ -81,9 +81,18 @@ class BackboneConfig:
     # "default": the preset's own source (timm hub for paper presets, cached offline pretraining for demo
     # presets); "random": no pretrained weights; anything else: path to a local state-dict file.
     weights: str = "default"
+    # Hub presets with weights="default": the timm pretrained tag to load (the tag behind a bare timm name changed
+    # between timm versions, e.g. ViT-B augreg -> augreg2). None: the preset's own tag, recorded once validated.
+    pretrained_tag: str | None = None
 
     def validate(self, role: str) -> None:
         _one_of(f"{role}.preset", self.preset, sorted(PRESETS))
+        preset = get_preset(self.preset)
+        if preset.weights_source == "hub" and self.weights == "default":
+            self.pretrained_tag = self.pretrained_tag or preset.pretrained_tag
+        elif self.pretrained_tag is not None:
+            raise ConfigError(f"{role}.pretrained_tag={self.pretrained_tag!r} applies only to a hub preset's default weights "
+                              f"({self.preset} with weights={self.weights!r} loads no hub tag); remove it")
         if self.weights not in ("default", "random") and not Path(self.weights).expanduser().is_file():
             raise ConfigError(
                 f"{role}.weights={self.weights!r}: no such file; give a state-dict file, 'default' or 'random'"
@@ -107,6 +116,8 @@ class DistillConfig:
     """How the student learns from the teacher. `method="none"` trains the student alone."""
 
     method: str = "none"
+    # "sequential": per task the teacher trains first, then the student (the official code, v1 included); "joint":
+    # an alternative of ours where every student batch steps the teacher first.
     schedule: Literal["sequential", "joint"] = "sequential"
     alpha: float = 0.5  # weight of the distillation term; CE gets (1 - alpha)
     temperature: float | None = None  # None: the method's own default (kd and cdl_prompt 2, dkd 4 as the official code)
@@ -252,6 +263,16 @@ class RunConfig:
                     f"data.train_per_class={per_class} would overlap the Fashion-MNIST images the {role}'s demo weights "
                     f"were pretrained on; use at most {FASHION_RESERVED_PER_CLASS} or {role}.weights=random/a file"
                 )
+
+    def protocol_record(self) -> dict[str, Any]:
+        """The protocol's name and the value of each field it sets, as this (validated) run uses them, with the
+        KD temperature actually applied: what a reader of the run needs to compare it with another."""
+        record: dict[str, Any] = {"protocol": self.protocol}
+        for dotted in get_protocol(self.protocol).settings:
+            owner, _, name = dotted.rpartition(".")
+            record[dotted] = getattr(getattr(self, owner) if owner else self, name)
+        record["distill.temperature"] = self.distill.temperature
+        return record
 
     # -- serialisation -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from cdl_core.data import ClassIncrementalStream, TaskSplit, build_stream
 from cdl_core.distill import KDContext, TaskClasses, build_kd_method
 from cdl_core.distill.losses import current_task_cross_entropy
 from cdl_core.distill.prompt_mapping import teacher_prompt_queries
+from cdl_core.lr_schedules import build_lr_schedule
 from cdl_core.model import ContinualModel, ModelOutput
 from cdl_core.prompts import build_prompt_method
 from cdl_core.errors import ConfigError, TeacherStoreError
@@ -280,18 +281,17 @@ class ContinualRun:
         log.info("teacher task %d loaded from %s", t, entry)
         return record["rows"]
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False) -> DataLoader:
         generator = torch.Generator().manual_seed(seed) if shuffle else None
         return DataLoader(
-            dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+            dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last,
             num_workers=self.cfg.train.num_workers, pin_memory=self.device.type == "cuda",
         )
 
     def _optimizer(self, model: ContinualModel) -> tuple[torch.optim.Optimizer, Any]:
         tc = self.cfg.train
         optimizer = torch.optim.Adam(model.trainable_parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=tc.epochs) if tc.lr_schedule == "cosine" else None
-        return optimizer, scheduler
+        return optimizer, build_lr_schedule(optimizer, tc.lr_schedule, tc.epochs)
 
     def _train_phase(self, role: str, task: TaskSplit) -> None:
         """Train `role` on one task; in the joint schedule the student phase steps the teacher too."""
@@ -308,7 +308,12 @@ class ContinualRun:
         # Without augmentation an image's frozen outputs are the same every epoch: compute them once.
         cached = self._precompute_frozen(role, task) if not self.cfg.data.train_augment and tc.epochs > 1 else None
         dataset = IndexedDataset(task.train) if cached is not None else task.train
-        loader = self._loader(dataset, tc.batch_size, shuffle=True, seed=derive_seed(tc.seed, role, t, "loader"))
+        if tc.drop_last and len(dataset) < tc.batch_size:
+            raise ConfigError(
+                f"task {t + 1} has {len(dataset)} training images, fewer than train.batch_size={tc.batch_size}, and "
+                "train.drop_last=true drops that one partial batch: nothing would train; lower the batch size or set train.drop_last=false"
+            )
+        loader = self._loader(dataset, tc.batch_size, shuffle=True, seed=derive_seed(tc.seed, role, t, "loader"), drop_last=tc.drop_last)
         for _ in range(tc.epochs):
             for batch in loader:
                 images, targets = (x.to(self.device, non_blocking=True) for x in batch[:2])
@@ -345,7 +350,7 @@ class ContinualRun:
             if role == "teacher":
                 return [self._teacher_loss(images, targets, t, classes, frozen.query)[0]]
             losses, teacher = [], frozen.teacher
-            if self._joint(role):  # v1: the teacher steps on this batch first; the student learns from its (detached) output
+            if self._joint(role):  # the teacher steps on this batch first; the student learns from its (detached) output
                 teacher_loss, teacher_out = self._teacher_loss(images, targets, t, classes, frozen.teacher_query)
                 losses.append(teacher_loss)
                 teacher = self._signal(teacher_out, len(images))
@@ -443,7 +448,7 @@ class ContinualRun:
         out = {}
         for role, by_split in self.state.matrices.items():
             for split, matrix in by_split.items():
-                for name, value in metrics.summarize(matrix).items():
+                for name, value in metrics.summarize(matrix, shown=self.cfg.forgetting).items():
                     out[f"{role}_{split}_{name}"] = value
         return out
 
@@ -456,11 +461,15 @@ class ContinualRun:
             "completed_tasks": self.completed_tasks,
             "matrices": self.state.matrices,
             "summary": self.summary(),
+            "protocol": self.cfg.protocol_record(),
             "data_split": self.stream.describe(),
             "environment": {
                 "torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(),
                 "device": str(self.device), "trainer_version": TRAINER_VERSION,
-                "backbones": {r: {"preset": b.preset.name, "weights": b.weights, "weights_sha256": b.weights_sha256} for r, b in backbones.items()},
+                "backbones": {
+                    r: {"preset": b.preset.name, "weights": b.weights, "pretrained_tag": getattr(self.cfg, r).pretrained_tag,
+                        "weights_sha256": b.weights_sha256} for r, b in backbones.items()
+                },
             },
         }
 

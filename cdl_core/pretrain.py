@@ -53,8 +53,9 @@ def ensure_demo_weights(preset_name: str, recipe: PretrainRecipe | None = None) 
     eval_idx, train_idx = order[:n_eval], order[n_eval:]
     model = timm.create_model(preset.timm_name, pretrained=False, num_classes=n_classes, **preset.model_kwargs)
     size = preset.model_kwargs.get("img_size", 224)
-    mean, std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]
-    to_input = v2.Compose([v2.Resize(size, antialias=True), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    # the preset's own mean/std (demo presets: 0/1, inputs in [0, 1]), which every stream then feeds it
+    to_input = v2.Compose([v2.Resize(size, antialias=True), v2.ToDtype(torch.float32, scale=True),
+                           v2.Normalize(list(preset.mean), list(preset.std))])
 
     def batch_input(idx: torch.Tensor, train: bool) -> torch.Tensor:
         x = to_input(images[idx].expand(-1, 3, -1, -1) if images.shape[1] == 1 else images[idx])

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cdl_core.cli import run_cli
+from cdl_core.catalog.protocols import PROTOCOLS, get_protocol
 from cdl_core.config import BackboneConfig, RunConfig
 from cdl_core.errors import ConfigError
 
@@ -37,6 +38,18 @@ def _key_values(pairs: list[str], flag: str) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cdl_core.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="JSON config file (a RunConfig dict, e.g. a best-config export); flags below override it")
+    p.add_argument("--protocol", choices=list(PROTOCOLS), help="official (default: the official CDL code's input scaling, lr "
+                   "schedule, dropped batches, no validation split, prediction and forgetting) or timm; sets those fields "
+                   "(over a --config file's), and the flags below override single ones")
+    p.add_argument("--input-scaling", choices=["unit", "mean_std"], help="unit: images in [0, 1] (official); mean_std: the weights' mean/std")
+    p.add_argument("--lr-schedule", choices=["official_cosine", "cosine", "constant"], help="per-epoch lr schedule (official: official_cosine)")
+    p.add_argument("--drop-last", action=argparse.BooleanOptionalAction, default=None, help="drop each epoch's last partial batch (official: yes)")
+    p.add_argument("--val-fraction", type=float, help="validation split carved from each task's training data (official: 0)")
+    p.add_argument("--prediction", choices=["weighted", "mean"], help="a KD head's share of the prediction: weighted (official) or mean")
+    p.add_argument("--forgetting", choices=["cdl", "chaudhry"], help="which forgetting the summary shows (both are computed; official: cdl)")
+    p.add_argument("--split-files", help="imagenet_r: folder with the official imagenet-r_train.yaml / imagenet-r_test.yaml")
+    p.add_argument("--student-tag", help="timm pretrained tag of a hub student (default: the preset's, e.g. augreg2_in21k_ft_in1k)")
+    p.add_argument("--teacher-tag", help="timm pretrained tag of a hub teacher (default: the preset's)")
     p.add_argument("--method", help="prompt method: l2p, dualprompt, coda, none (default coda)")
     p.add_argument("--backbone", "--student", dest="student", help="student backbone preset (default demo-s)")
     p.add_argument("--teacher", help="teacher backbone preset (e.g. demo-t); omit for a single learner")
@@ -58,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", choices=["sequential", "joint"], help="teacher/student schedule (default sequential)")
     p.add_argument("--query", choices=["student", "own"], help="query backbone (default student, as the official CDL code)")
     p.add_argument("--alpha", type=float, help="KD weight a (default 0.5)")
-    p.add_argument("--temperature", type=float, help="KD temperature T (default 2)")
+    p.add_argument("--temperature", type=float, help="KD temperature T (default: the method's own, kd/cdl_prompt 2, dkd 4)")
     p.add_argument("--prompt-param", action="append", default=[], metavar="KEY=VALUE", help="override a prompt-method parameter, e.g. pool_size=50")
     p.add_argument("--kd-param", action="append", default=[], metavar="KEY=VALUE", help="override a KD-method parameter, e.g. active_components=10")
     p.add_argument("--student-weights", help="student weights: default, random, or a state-dict file")
@@ -76,6 +89,11 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     raw: dict[str, Any] = RunConfig().to_dict()
     if args.config:
         raw = RunConfig.from_json(args.config).to_dict()
+    if args.protocol:  # the protocol's values replace the file's for the fields it sets; single flags come after
+        raw["protocol"] = args.protocol
+        for dotted in get_protocol(args.protocol).settings:
+            owner, _, name = dotted.rpartition(".")
+            (raw[owner] if owner else raw)[name] = None
     data, train, distill, prompt = raw["data"], raw["train"], raw["distill"], raw["prompt"]
     for flag, section, key in [
         ("dataset", data, "name"), ("data_root", data, "root"), ("download", data, "download"), ("n_tasks", data, "n_tasks"),
@@ -84,6 +102,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         ("lr", train, "lr"), ("seed", train, "seed"), ("device", train, "device"), ("precision", train, "precision"),
         ("compile", train, "compile"), ("schedule", distill, "schedule"),
         ("alpha", distill, "alpha"), ("temperature", distill, "temperature"), ("query", raw, "query"),
+        ("input_scaling", data, "input_scaling"), ("val_fraction", data, "val_fraction"), ("split_files", data, "split_files"),
+        ("lr_schedule", train, "lr_schedule"), ("drop_last", train, "drop_last"), ("prediction", distill, "prediction"),
+        ("forgetting", raw, "forgetting"),
     ]:
         value = getattr(args, flag)
         if value is not None:
@@ -91,7 +112,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     if args.student:
         raw["student"]["preset"] = args.student
     if args.student_weights:
-        raw["student"]["weights"] = args.student_weights
+        raw["student"]["weights"], raw["student"]["pretrained_tag"] = args.student_weights, None
+    if args.student_tag:
+        raw["student"]["pretrained_tag"] = args.student_tag
     if args.teacher:
         raw["teacher"] = dict(BackboneConfig(preset=args.teacher).__dict__)
         if not args.kd and not args.config:
@@ -99,7 +122,11 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     if args.teacher_weights:
         if raw["teacher"] is None:
             raise ConfigError("--teacher-weights needs --teacher")
-        raw["teacher"]["weights"] = args.teacher_weights
+        raw["teacher"]["weights"], raw["teacher"]["pretrained_tag"] = args.teacher_weights, None
+    if args.teacher_tag:
+        if raw["teacher"] is None:
+            raise ConfigError("--teacher-tag needs --teacher")
+        raw["teacher"]["pretrained_tag"] = args.teacher_tag
     if args.kd:
         distill["method"] = args.kd
     if args.method and args.method != prompt["method"]:
@@ -122,8 +149,9 @@ def print_task(report, n_tasks: int) -> None:
     print("  ".join(parts), flush=True)
 
 
-def print_table(rows: list[tuple[str, dict[str, float], list[float]]]) -> None:
-    print(f"\n{'model':<34} {'final avg acc':>13} {'avg inc acc':>11} {'forgetting':>10}   per-task acc after last task")
+def print_table(rows: list[tuple[str, dict[str, float], list[float]]], forgetting: str) -> None:
+    print(f"\n{'model':<34} {'final avg acc':>13} {'avg inc acc':>11} {'forgetting':>10}   per-task acc after last task"
+          f"   (forgetting: {forgetting})")
     for name, summary, last_row in rows:
         print(
             f"{name:<34} {summary['test_final_avg_acc']:>13.2f} {summary['test_avg_incremental_acc']:>11.2f} "
@@ -168,7 +196,7 @@ def _main(argv: list[str] | None) -> int:
         table.append((f"{label} ({cfg.student.preset})", *_role_summary(runs[main_name], "student")))
     else:
         table.append((f"{cfg.student.preset} {cfg.prompt.method}", *_role_summary(runs[main_name], "student")))
-    print_table(table)
+    print_table(table, cfg.forgetting)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"runs": runs}, indent=1))

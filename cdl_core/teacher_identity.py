@@ -18,7 +18,8 @@ from cdl_core.errors import ConfigError
 # Bump when the training math changes, so stored teachers made by older code are not reused.
 # 2: frozen outputs precomputed per task without augmentation (batched differently: last-bit differences).
 # (A student's frozen teacher now selects prompts as at inference; that changes students, not teachers.)
-TRAINER_VERSION = 2
+# 3: the protocol's fields (input scaling, lr schedule, dropped batches, validation fraction) enter the identity.
+TRAINER_VERSION = 3
 
 # What a teacher's training does not depend on: where things run and how evaluation is batched.
 _TRAIN_FIELDS_NOT_IN_TEACHER = ("device", "num_workers", "eval_batch_size")
@@ -28,19 +29,23 @@ _DATA_FIELDS_NOT_IN_TEACHER = ("root", "download")
 def teacher_identity(cfg: RunConfig) -> dict[str, Any]:
     """Everything a sequential-schedule teacher's training depends on, from the config alone (no weights or
     data are loaded): its backbone and weights source, the query backbone, the prompt method with its resolved
-    parameters, the stream, the optimisation settings and seed, and the training code's version. KD settings
-    and the student's own backbone (unless it is the query backbone) are not in it."""
+    parameters, the stream (with the protocol's input scaling and validation fraction), the optimisation
+    settings and seed (with the lr schedule and dropped batches), and the training code's version. KD settings,
+    the prediction weighting, the forgetting shown and the student's own backbone (unless it is the query
+    backbone) are not in it."""
     cfg.validate()
     if cfg.teacher is None or cfg.distill.schedule != "sequential":
         raise ConfigError("only a sequential-schedule teacher can be stored and shared (a joint teacher trains with its student)")
     return {
-        "teacher": {"preset": cfg.teacher.preset, "weights": weights_source_id(cfg.teacher.preset, cfg.teacher.weights)},
+        "teacher": {"preset": cfg.teacher.preset, "weights": weights_source_id(cfg.teacher.preset, cfg.teacher.weights, cfg.teacher.pretrained_tag)},
         "query_backbone": (
-            {"preset": cfg.student.preset, "weights": weights_source_id(cfg.student.preset, cfg.student.weights)}
+            {"preset": cfg.student.preset, "weights": weights_source_id(cfg.student.preset, cfg.student.weights, cfg.student.pretrained_tag)}
             if cfg.query == "student" else "own"
         ),
         "prompt": {"method": cfg.prompt.method, "params": asdict(resolve_prompt_params(cfg.prompt.method, cfg.prompt.params))},
-        "data": {k: v for k, v in asdict(cfg.data).items() if k not in _DATA_FIELDS_NOT_IN_TEACHER},
+        # the split lists' content is checked through the stream's fingerprint (teacher facts), not their path
+        "data": {k: v for k, v in asdict(cfg.data).items() if k not in _DATA_FIELDS_NOT_IN_TEACHER}
+        | {"split_files": "official" if cfg.data.split_files else None},
         "train": {k: v for k, v in asdict(cfg.train).items() if k not in _TRAIN_FIELDS_NOT_IN_TEACHER},
         "trainer_version": TRAINER_VERSION,
     }

@@ -1,13 +1,14 @@
 """`python -m orchestrator.report --experiment NAME`: the paper's table for a finished sweep, from MLflow.
 
-One row per (teacher, student, prompt method, KD method); per dataset the final average accuracy and forgetting
-on the test split (mean ± std over seeds, n shown) and the change against the no-teacher baseline of the same
-student and method. Each cell (a row, dataset and seed) is represented by its best completed trial, ranked by
-the sweep's validation metric as Optuna ranked them; pruned and failed trials are left out and counted.
+One row per (teacher, student, prompt method, KD method); per dataset the final average accuracy and both
+forgetting definitions (CDL's, as the official trainer prints it, and Chaudhry's; see cdl_core.metrics) on the
+test split (mean ± std over seeds, n shown) and the change against the no-teacher baseline of the same student
+and method. Each cell (a row, dataset and seed) is represented by its best completed trial, ranked by the
+sweep's validation metric as Optuna ranked them; pruned and failed trials are left out and counted.
 
-Also: `--compare paper` (the published numbers side by side), `--parquet DIR` (runs and per-task metrics),
-`--plots DIR` (PNGs, also logged to the sweep's parent run) and `--configs DIR` (each cell's best config, which
-`python -m cdl_core.run --config FILE` reruns).
+Also: `--compare paper` (the published numbers side by side; the paper's forgetting against CDL's),
+`--parquet DIR` (runs and per-task metrics), `--plots DIR` (PNGs, also logged to the sweep's parent run) and
+`--configs DIR` (each cell's best config, which `python -m cdl_core.run --config FILE` reruns).
 """
 from __future__ import annotations
 
@@ -26,6 +27,16 @@ from orchestrator.errors import ReportError
 
 ROW = ["teacher", "student", "method", "kd"]
 CELL = [*ROW, "dataset", "seed"]
+# Per-task metrics read from MLflow. *_forgetting is the definition the run's config chose (RunConfig.forgetting);
+# *_forgetting_cdl (as the official trainer prints it) and *_forgetting_chaudhry say which is which.
+TASK_METRICS = (
+    "test_avg_acc", "test_forgetting", "test_forgetting_cdl", "test_forgetting_chaudhry",
+    "val_avg_acc", "val_forgetting", "val_forgetting_cdl", "val_forgetting_chaudhry",
+)
+# Each trial's values after its last task (runs.parquet keeps this order).
+FINAL_METRICS = (*TASK_METRICS[:4], "test_avg_incremental_acc", *TASK_METRICS[4:])
+# The table's forgetting columns and the definition each header names; the paper's forgetting is CDL's.
+FORGETTINGS = {"forgetting_cdl": "CDL", "forgetting_chaudhry": "Chaudhry"}
 
 
 # -- reading MLflow -------------------------------------------------------------------------------------------
@@ -52,8 +63,8 @@ def load_trials(tracking_uri: str, experiment: str) -> tuple[pd.DataFrame, dict[
         "optuna_trial": runs["tags.optuna_trial"].astype(int),
         "teacher_run_id": runs.get("tags.teacher_run_id"),
         "metric": runs.get(f"metrics.{metric}"),
-        **{name: runs.get(f"metrics.{name}") for name in (
-            "test_avg_acc", "test_forgetting", "test_avg_incremental_acc", "val_avg_acc", "val_forgetting")},
+        # A metric older runs never logged (they have only *_forgetting, Chaudhry's) is NaN, never a stand-in.
+        **{name: runs.get(f"metrics.{name}", float("nan")) for name in FINAL_METRICS},
     })
     info = {"experiment_id": exp.experiment_id, "metric": metric, "parent_run_ids": [p.info.run_id for p in parents]}
     return trials, info
@@ -75,9 +86,6 @@ def load_task_metrics(tracking_uri: str, run_ids: list[str]) -> pd.DataFrame:
     return frame.sort_values(["run_id", "task"], ignore_index=True) if not frame.empty else frame
 
 
-TASK_METRICS = ("test_avg_acc", "test_forgetting", "val_avg_acc", "val_forgetting")
-
-
 # -- the table ------------------------------------------------------------------------------------------------
 def best_per_cell(trials: pd.DataFrame) -> pd.DataFrame:
     """The best completed trial of each cell (by the sweep's metric); ties go to the earlier Optuna trial."""
@@ -92,7 +100,7 @@ def paper_table(trials: pd.DataFrame) -> pd.DataFrame:
     best = best_per_cell(trials)
     stats = best.groupby([*ROW, "dataset"]).agg(
         acc_mean=("test_avg_acc", "mean"), acc_std=("test_avg_acc", "std"), n=("test_avg_acc", "size"),
-        forgetting_mean=("test_forgetting", "mean"), forgetting_std=("test_forgetting", "std"),
+        **{f"{name}_{stat}": (f"test_{name}", stat) for name in FORGETTINGS for stat in ("mean", "std")},
     )
     # Every (row, dataset) that has trials, so one whose trials were all pruned or failed is shown and counted too.
     counts = trials.groupby([*ROW, "dataset"])["status"].value_counts().unstack(fill_value=0)
@@ -101,7 +109,7 @@ def paper_table(trials: pd.DataFrame) -> pd.DataFrame:
     table["n"] = table["n"].fillna(0).astype(int)
     baseline = table[table["teacher"] == "none"].set_index(["student", "method", "dataset"])
     keys = list(zip(table["student"], table["method"], table["dataset"]))
-    for column in ("acc", "forgetting"):  # change against the no-teacher baseline of the same student and method
+    for column in ("acc", *FORGETTINGS):  # change against the no-teacher baseline of the same student and method
         table[f"{column}_delta"] = [
             getattr(r, f"{column}_mean") - baseline[f"{column}_mean"].get(k, float("nan")) if r.teacher != "none" else float("nan")
             for r, k in zip(table.itertuples(), keys)
@@ -119,7 +127,8 @@ def load_paper() -> pd.DataFrame:
 def compare_with_paper(table: pd.DataFrame, paper: pd.DataFrame) -> pd.DataFrame:
     merged = table.merge(paper, on=[*ROW, "dataset"], how="left")
     merged["acc_vs_paper"] = merged["acc_mean"] - merged["paper_acc"]
-    merged["forgetting_vs_paper"] = merged["forgetting_mean"] - merged["paper_forgetting"]
+    # The paper's forgetting is the official code's printed definition: compared with CDL's, never Chaudhry's.
+    merged["forgetting_vs_paper"] = merged["forgetting_cdl_mean"] - merged["paper_forgetting"]
     return merged
 
 
@@ -134,27 +143,34 @@ def _signed(value: float) -> str:
     return "" if pd.isna(value) else f"{value:+.2f}"
 
 
+def _number(value: float, fmt: str) -> str:
+    return "-" if pd.isna(value) else format(value, fmt)
+
+
 def render(table: pd.DataFrame, fmt: str, compare: bool = False) -> str:
     if fmt == "csv":
         return table.to_csv(index=False, float_format="%.4f")
     datasets = sorted(table["dataset"].unique())
     header = ["teacher", "student", "method", "kd"]
-    for d in datasets:
-        header += [f"{d} acc", f"{d} Δacc", f"{d} forgetting", f"{d} Δforg"] + ([f"{d} paper acc/forg", f"{d} vs paper"] if compare else [])
-    header += ["pruned", "failed"]
+    per_dataset = ["acc", "Δacc"] + [h for label in FORGETTINGS.values() for h in (f"forgetting ({label})", f"Δforg ({label})")]
+    per_dataset += ["paper acc/forg (CDL)", "vs paper"] if compare else []
+    header += [f"{d} {h}" for d in datasets for h in per_dataset] + ["pruned", "failed"]
     lines = []
     for key, group in table.groupby(ROW, sort=False):
         by_dataset = group.set_index("dataset")
         cells = list(key)
         for d in datasets:
             if d not in by_dataset.index:
-                cells += ["-"] * (6 if compare else 4)
+                cells += ["-"] * len(per_dataset)
                 continue
             r = by_dataset.loc[d]
-            cells += [_pm(r.acc_mean, r.acc_std, r.n), _signed(r.acc_delta), _pm(r.forgetting_mean, r.forgetting_std, r.n), _signed(r.forgetting_delta)]
+            cells += [_pm(r.acc_mean, r.acc_std, r.n), _signed(r.acc_delta)]
+            for name in FORGETTINGS:
+                cells += [_pm(r[f"{name}_mean"], r[f"{name}_std"], r.n), _signed(r[f"{name}_delta"])]
             if compare:
                 paper = "-" if pd.isna(r.paper_acc) else f"{r.paper_acc:.2f} / {r.paper_forgetting:.2f}"
-                cells += [paper, "" if pd.isna(r.paper_acc) else f"{r.acc_vs_paper:+.2f} / {r.forgetting_vs_paper:+.2f}"]
+                vs = f"{_number(r.acc_vs_paper, '+.2f')} / {_number(r.forgetting_vs_paper, '+.2f')}"
+                cells += [paper, "" if pd.isna(r.paper_acc) else vs]
         cells += [str(int(group["pruned"].sum())), str(int(group["failed"].sum()))]
         lines.append(cells)
     if fmt == "markdown":
@@ -169,8 +185,7 @@ def render(table: pd.DataFrame, fmt: str, compare: bool = False) -> str:
 RUNS_SCHEMA = {
     "run_id": "string", "sweep": "string", "cell": "string", "teacher": "string", "student": "string", "method": "string",
     "kd": "string", "dataset": "string", "seed": "int64", "optuna_trial": "int64", "status": "string",
-    "teacher_run_id": "string", "metric": "float64", "test_avg_acc": "float64", "test_forgetting": "float64",
-    "test_avg_incremental_acc": "float64", "val_avg_acc": "float64", "val_forgetting": "float64", "config": "string",
+    "teacher_run_id": "string", "metric": "float64", **{name: "float64" for name in FINAL_METRICS}, "config": "string",
 }
 
 

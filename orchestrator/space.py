@@ -76,7 +76,9 @@ class SweepSpace:
     pruner: str = "median"
     pruner_args: dict[str, Any] = field(default_factory=lambda: {"n_warmup_steps": 2})
     sampler_seed: int = 0
-    metric: str = "val_avg_acc"  # validation split only: tuning and pruning never read test accuracy
+    # Tuning and pruning read the validation split only, never test accuracy. An untuned space without a validation
+    # split (the official protocol trains on every training image) orders its summary by a test metric instead.
+    metric: str = "val_avg_acc"
     # What the pruner sees after each task. Optuna's median/percentile pruners compare a trial's *best*
     # intermediate value with the others' values at the current step, and accuracy over all seen classes falls
     # as tasks arrive, so its best is always task 1's. The area under the accuracy curve so far only grows:
@@ -149,9 +151,29 @@ class SweepSpace:
             self.build_pruner()
         except TypeError as err:
             raise SpaceError(f"space {self.name!r}: pruner_args do not fit pruner {self.pruner!r}: {err}") from None
-        for cell in self.cells():  # every cell must give a valid run config, with tuned values too
-            self.run_config(cell, self.sample_overrides(cell))
+        # every cell must give a valid run config, with tuned values too
+        configs = [self.run_config(cell, self.sample_overrides(cell)) for cell in self.cells()]
+        self._check_validation_split(configs)
         return self
+
+    def _check_validation_split(self, configs: list[dict[str, Any]]) -> None:
+        """Tuning and pruning choose on the validation split, never on test; a space that has none must not choose."""
+        without = [c for c in configs if not c["data"]["val_fraction"]]
+        choosing = [why for why, on in ((f"tunes {self.trials_per_cell} trials per cell", self.trials_per_cell > 1),
+                                        (f"prunes (pruner={self.pruner!r})", self.pruner != "none")) if on]
+        if choosing and without:
+            protocol = without[0]["protocol"]
+            raise SpaceError(
+                f"space {self.name!r} {' and '.join(choosing)} but its runs have no validation split (data.val_fraction=0, "
+                f"as protocol {protocol!r} sets it); choosing on test accuracy would leak: set base 'data.val_fraction' (e.g. 0.1)"
+            )
+        if choosing and not self.metric.startswith("val_"):
+            raise SpaceError(f"space {self.name!r} {' and '.join(choosing)} on metric {self.metric!r}; choose on a validation metric (val_...)")
+        if without and self.metric.startswith("val_"):
+            raise SpaceError(
+                f"space {self.name!r}: metric {self.metric!r} needs a validation split but data.val_fraction=0; set "
+                "metric='test_avg_acc' (an untuned space chooses nothing) or base 'data.val_fraction'"
+            )
 
 
 def _probe_trial(seed: int = 0) -> optuna.Trial:

@@ -126,13 +126,15 @@ def summarize(results: list[dict[str, Any]], metric: str) -> list[dict[str, Any]
 
 
 def print_summary(rows: list[dict[str, Any]], metric: str) -> None:
-    print(f"\n{'cell':<56} {'done':>4} {'pruned':>6} {'failed':>6} {'best ' + metric:>12} {'test acc':>8} {'forgetting':>10}")
+    # Both forgetting definitions by name: cells may differ in which one their config shows as `forgetting`.
+    columns = [(f"best {metric}", metric, 12), ("test acc", "test_avg_acc", 8),
+               ("forgetting (cdl)", "test_forgetting_cdl", 16), ("forgetting (chaudhry)", "test_forgetting_chaudhry", 21)]
+    print(f"\n{'cell':<56} {'done':>4} {'pruned':>6} {'failed':>6} " + " ".join(f"{title:>{width}}" for title, _, width in columns))
     for row in rows:
         best, counts = row["best"], row["counts"]
-        values = (
-            f"{best['metrics'][metric]:>12.2f} {best['metrics']['test_avg_acc']:>8.2f} {best['metrics']['test_forgetting']:>10.2f}"
-            if best else f"{'-':>12} {'-':>8} {'-':>10}"
-        )
+        got = best["metrics"] if best else {}
+        # "-": no completed trial, or a metric the code that ran the trial did not report yet
+        values = " ".join(f"{got[key]:>{width}.2f}" if key in got else f"{'-':>{width}}" for _, key, width in columns)
         print(f"{row['cell']:<56} {counts['completed']:>4} {counts['pruned']:>6} {counts['failed']:>6} {values}")
     for row in rows:
         for message in row["errors"]:  # refused settings: each ended its trial at once, never retried

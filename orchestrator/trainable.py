@@ -38,7 +38,9 @@ def task_metrics(run: ContinualRun, report: TaskReport) -> dict[str, Any]:
         prefix = "" if role == "student" else "teacher_"
         for split, matrix in by_split.items():
             out[f"{prefix}{split}_avg_acc"] = metrics.final_average_accuracy(matrix)
-            out[f"{prefix}{split}_forgetting"] = metrics.forgetting(matrix)
+            for name, compute in metrics.FORGETTING.items():  # both definitions, each under its own name
+                out[f"{prefix}{split}_forgetting_{name}"] = compute(matrix)
+            out[f"{prefix}{split}_forgetting"] = out[f"{prefix}{split}_forgetting_{run.cfg.forgetting}"]  # the headline one
             out[f"{prefix}{split}_avg_incremental_acc"] = metrics.average_incremental_accuracy(matrix)
             # Area under the accuracy-after-each-task curve: only grows, unlike the accuracy itself (see pruning.py)
             out[f"{prefix}{split}_acc_area"] = metrics.average_incremental_accuracy(matrix) * len(matrix)

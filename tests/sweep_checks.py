@@ -23,7 +23,8 @@ from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"student.weights": "random", "teacher.weights": "random", "data.n_tasks": 5, "data.train_per_class": 10,
-        "data.test_per_class": 5, "data.train_augment": False, "train.batch_size": 8, "train.device": "cpu"}
+        "data.test_per_class": 5, "data.train_augment": False, "train.batch_size": 8, "train.device": "cpu",
+        "data.val_fraction": 0.1}
 COMPLETE, PRUNED = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED
 RAY = str(Path(sys.executable).parent / "ray")
 

@@ -44,11 +44,11 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (tmp / "bad_tasks.py").write_text(
         "from orchestrator.space import SweepSpace\n"
         "SPACE = SweepSpace(name='bad_tasks', description='', pairs=[(None, 'demo-s')], methods=['coda'], kd_methods=[],\n"
-        "                   datasets=['synthetic'], base={'data.n_tasks': 3, 'student.weights': 'random'})\n")
+        "                   datasets=['synthetic'], base={'data.n_tasks': 3, 'student.weights': 'random', 'data.val_fraction': 0.1})\n")
     (tmp / "tiny.py").write_text(
         "from orchestrator.space import SweepSpace\n"
         "SPACE = SweepSpace(name='tiny', description='', pairs=[(None, 'demo-s')], methods=['coda'], kd_methods=[],\n"
-        "                   datasets=['synthetic'], base={'student.weights': 'random'})\n")
+        "                   datasets=['synthetic'], base={'student.weights': 'random', 'data.val_fraction': 0.1})\n")
     fmnist = tmp / "fmnist_truncated"
     fmnist.mkdir()
     write_idx(fmnist / "train-images-idx3-ubyte.gz", np.zeros((20, 28, 28)), cut=100)

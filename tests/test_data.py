@@ -33,7 +33,8 @@ STD = (0.5, 0.25, 0.125)
 
 
 def _stream(size: int = 32, **kw):
-    return build_stream(DataConfig(**kw), size, MEAN, STD)
+    # a validation split and mean/std scaling (the timm protocol's) so these tests see both at work
+    return build_stream(DataConfig(**({"val_fraction": 0.1, "input_scaling": "mean_std"} | kw)), size, MEAN, STD)
 
 
 def test_registry_names():

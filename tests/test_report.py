@@ -31,7 +31,11 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # -- a fake finished sweep -------------------------------------------------------------------------------------
 @dataclass
 class FakeTrial:
-    """One trial run as MlflowTracking leaves it; `val`, `acc`, `forg` are the values at the last step logged."""
+    """One trial run as MlflowTracking leaves it; `val`, `acc`, `forg` are the values at the last step logged.
+
+    `forg` is test_forgetting_cdl; test_forgetting_chaudhry is planted as 2 * forg (a monotone 2-task matrix's
+    T/(T-1)) so every table number of the one is twice the other's. test_forgetting is the one `shown` names.
+    A trial run by older code logged only test_forgetting, Chaudhry's."""
 
     teacher: str
     student: str
@@ -43,10 +47,12 @@ class FakeTrial:
     status: str  # completed | pruned | failed
     val: float  # val_avg_acc
     acc: float  # test_avg_acc
-    forg: float  # test_forgetting
+    forg: float  # test_forgetting_cdl
     steps: int = N_TASKS  # tasks logged (pruned/failed trials stop early)
     config: bool = True  # has a config.json artifact
     teacher_run: bool = False  # tagged with the sweep's teacher run
+    shown: str = "cdl"  # RunConfig.forgetting: which definition test_forgetting is
+    old_code: bool = False  # logged before the named forgetting metrics existed
 
     @property
     def row(self) -> tuple[str, str, str, str]:
@@ -68,6 +74,18 @@ class FakeTrial:
             train=TrainConfig(batch_size=10, eval_batch_size=10, device="cpu", seed=self.seed, lr=0.001 * (1 + self.optuna_trial)),
         ).validate().to_dict()
 
+    @property
+    def headline_forg(self) -> float:
+        """test_forgetting at the last step."""
+        return 2 * self.forg if self.shown == "chaudhry" or self.old_code else self.forg
+
+    def forgetting(self, split: str, cdl: float) -> dict[str, float]:
+        chaudhry = 2 * cdl
+        if self.old_code:
+            return {f"{split}_forgetting": chaudhry}
+        shown = cdl if self.shown == "cdl" else chaudhry
+        return {f"{split}_forgetting": shown, f"{split}_forgetting_cdl": cdl, f"{split}_forgetting_chaudhry": chaudhry}
+
     def history(self) -> dict[int, dict[str, float]]:
         """Per-task metrics, step = task. Before the last step the validation accuracy is 100 - val, so a report
         that ranked by the first, the best or any earlier value instead of the final one would pick other trials."""
@@ -76,10 +94,10 @@ class FakeTrial:
         if self.steps >= 1:
             first_val = v if self.steps == 1 else 100 - v
             first_acc = a if self.steps == 1 else a + f - 1
-            out[1] = {"val_avg_acc": first_val, "test_avg_acc": first_acc, "test_forgetting": f if self.steps == 1 else 0.0,
-                      "val_forgetting": 0.0, "test_avg_incremental_acc": first_acc, "test_acc_task1": first_acc}
+            out[1] = {"val_avg_acc": first_val, "test_avg_acc": first_acc, **self.forgetting("test", f if self.steps == 1 else 0.0),
+                      **self.forgetting("val", 0.0), "test_avg_incremental_acc": first_acc, "test_acc_task1": first_acc}
         if self.steps >= 2:
-            out[2] = {"val_avg_acc": v, "test_avg_acc": a, "test_forgetting": f, "val_forgetting": f / 2,
+            out[2] = {"val_avg_acc": v, "test_avg_acc": a, **self.forgetting("test", f), **self.forgetting("val", f / 2),
                       "test_avg_incremental_acc": (out[1]["test_avg_acc"] + a) / 2, "test_acc_task1": a - 1, "test_acc_task2": a + 1}
         return out
 
@@ -120,7 +138,8 @@ EXPECTED_BEST = {
 SQRT8 = math.sqrt(8)  # sample std (ddof=1) of two values 4 apart
 SQRT2 = math.sqrt(2)  # ... 2 apart
 SQRT18 = math.sqrt(18)  # ... 6 apart
-# (row, dataset) -> acc_mean, acc_std, n, forgetting_mean, forgetting_std, acc_delta, forgetting_delta, pruned, failed
+# (row, dataset) -> acc_mean, acc_std, n, forgetting_cdl_mean, forgetting_cdl_std, acc_delta, forgetting_cdl_delta,
+# pruned, failed; each forgetting_chaudhry_* is twice its forgetting_cdl_* (see FakeTrial)
 EXPECTED_TABLE = {
     (BASE, "synthetic"): (42.0, SQRT8, 2, 11.0, SQRT2, None, None, 1, 0),
     (KD, "synthetic"): (50.0, SQRT8, 2, 5.0, SQRT2, 8.0, -6.0, 0, 1),
@@ -128,7 +147,9 @@ EXPECTED_TABLE = {
     (KD, "fashion_mnist"): (30.0, None, 1, 9.0, None, 7.0, -7.0, 1, 1),
 }
 
-# Rows named like the paper's, for --compare paper (one cifar100 row has no published number).
+# Rows named like the paper's, for --compare paper (one cifar100 row has no published number). Their configs showed
+# Chaudhry's as test_forgetting (2 * forg), so a comparison that used it, or Chaudhry's, would be off by forg;
+# the ViT-Small baseline was logged by older code and has no CDL forgetting to compare.
 VB, VL, VS = "vit_base_patch16_224", "vit_large_patch16_224", "vit_small_patch16_224"
 PAPER_TRIALS = [
     *_row_trials(("none", VB, "coda", "none"), "cifar100", 0, (0, "completed", 80, 86.0, 6.0)),
@@ -136,10 +157,13 @@ PAPER_TRIALS = [
     *_row_trials((VL, VB, "coda", "cdl_prompt"), "cifar100", 0, (0, "completed", 82, 88.0, 5.0)),
     *_row_trials((VL, VB, "coda", "cdl_prompt"), "cifar100", 1, (0, "completed", 83, 87.0, 6.0)),
     *_row_trials((VL, VB, "coda", "kd"), "cifar100", 0, (0, "completed", 79, 84.0, 7.0)),
+    *_row_trials(("none", VS, "coda", "none"), "cifar100", 0, (0, "completed", 78, 82.0, 3.0)),
 ]
 for _t in PAPER_TRIALS:
     _t.config = False
     _t.teacher_run = False
+    _t.shown = "chaudhry"
+PAPER_TRIALS[-1].old_code = True
 
 
 def _log_trial(client, experiment_id: str, parent_id: str, sweep: str, trial: FakeTrial, teacher_run_id: str | None, scratch: Path) -> str:
@@ -205,6 +229,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             FakeTrial(*KD, "synthetic", 0, 0, "pruned", 70, 60, 3, steps=1),
             FakeTrial(*KD, "synthetic", 0, 1, "failed", 0, 0, 0, steps=0, config=False)]),
         "empty": make_sweep(client, root, "sweep-empty", [], teacher=True),  # parent and teacher run only
+        "old": make_sweep(client, root, "sweep-old", [FakeTrial(*BASE, "synthetic", 0, 0, "completed", 50, 40, 10, old_code=True)]),
     }
     return {"uri": uri, "root": root, "client": client, **sweeps}
 
@@ -260,7 +285,8 @@ def test_load_trials_reads_every_trial_with_tags_and_final_metrics(store, main_t
         assert got["status"] == fake.status and got["cell"] == fake.cell and got["sweep"] == "sweep-main"
         if fake.steps:  # the metric is the value at the last step, not the first or the best one
             assert got["metric"] == fake.val == got["val_avg_acc"]
-            assert got["test_avg_acc"] == fake.acc and got["test_forgetting"] == fake.forg
+            assert got["test_avg_acc"] == fake.acc and got["test_forgetting"] == fake.headline_forg
+            assert got["test_forgetting_cdl"] == fake.forg and got["test_forgetting_chaudhry"] == 2 * fake.forg
         if fake.teacher_run:
             assert got["teacher_run_id"] == store["main"]["teacher"]
 
@@ -291,9 +317,12 @@ def test_paper_table_means_std_n_deltas_and_pruned_failed_counts(main_trials):
         assert _close(got["acc_mean"], acc), (row, dataset, got["acc_mean"])
         assert _close(got["acc_std"], acc_std), (row, dataset, got["acc_std"])  # sample std, ddof=1
         assert int(got["n"]) == n
-        assert _close(got["forgetting_mean"], forg) and _close(got["forgetting_std"], forg_std)
+        assert _close(got["forgetting_cdl_mean"], forg) and _close(got["forgetting_cdl_std"], forg_std)
         assert _close(got["acc_delta"], d_acc), (row, dataset, got["acc_delta"])  # baseline rows: no delta
-        assert _close(got["forgetting_delta"], d_forg), (row, dataset, got["forgetting_delta"])
+        assert _close(got["forgetting_cdl_delta"], d_forg), (row, dataset, got["forgetting_cdl_delta"])
+        twice = lambda x: None if x is None else 2 * x  # noqa: E731
+        assert _close(got["forgetting_chaudhry_mean"], twice(forg)) and _close(got["forgetting_chaudhry_std"], twice(forg_std))
+        assert _close(got["forgetting_chaudhry_delta"], twice(d_forg)), (row, dataset)
         assert (int(got["pruned"]), int(got["failed"])) == (pruned, failed), (row, dataset)
     # the baseline first within each (student, method, dataset)
     for dataset in ("synthetic", "fashion_mnist"):
@@ -329,7 +358,8 @@ def test_a_row_with_only_a_teacher_and_no_baseline_has_no_delta(main_trials):
     trials, _ = main_trials
     only_kd = trials[trials["teacher"] != "none"]
     table = paper_table(only_kd)
-    assert table["acc_delta"].isna().all() and table["forgetting_delta"].isna().all()
+    assert table["acc_delta"].isna().all() and table["forgetting_cdl_delta"].isna().all()
+    assert table["forgetting_chaudhry_delta"].isna().all()
     assert len(table) == 2
 
 
@@ -342,15 +372,18 @@ def test_console_table_is_aligned_with_mean_std_n_and_delta(main_trials, capsys,
     assert len({len(line) for line in lines}) == 1  # columns padded to one width
     header = lines[0]
     for column in ("teacher", "student", "method", "kd", "fashion_mnist acc", "fashion_mnist Δacc", "synthetic acc",
-                   "synthetic forgetting", "synthetic Δforg", "pruned", "failed"):
+                   "synthetic forgetting (CDL)", "synthetic Δforg (CDL)", "synthetic forgetting (Chaudhry)",
+                   "synthetic Δforg (Chaudhry)", "pruned", "failed"):
         assert column in header
     assert set(lines[1].replace(" ", "")) == {"-"}
     baseline, kd = lines[2], lines[3]
     assert baseline.split()[:4] == list(BASE) and kd.split()[:4] == list(KD)
     assert f"42.00 ± {SQRT8:.2f} (n=2)" in baseline and f"11.00 ± {SQRT2:.2f} (n=2)" in baseline
+    assert f"22.00 ± {2 * SQRT2:.2f} (n=2)" in baseline  # Chaudhry's
     assert f"23.00 ± {SQRT18:.2f} (n=2)" in baseline and "+" not in baseline
     assert f"50.00 ± {SQRT8:.2f} (n=2)" in kd and "+8.00" in kd and "-6.00" in kd
     assert "30.00 (n=1)" in kd and "9.00 (n=1)" in kd and "+7.00" in kd and "-7.00" in kd  # n=1: no std
+    assert "-12.00" in kd and "18.00 (n=1)" in kd and "-14.00" in kd  # Chaudhry's
     assert "30.00 ±" not in kd
     assert kd.split()[-2:] == ["1", "2"] and baseline.split()[-2:] == ["1", "0"]  # pruned, failed summed over datasets
 
@@ -365,7 +398,8 @@ def test_markdown_is_a_pipe_table_with_a_column_per_dataset_metric(main_trials):
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     expected = ["teacher", "student", "method", "kd"]
     for d in ("fashion_mnist", "synthetic"):
-        expected += [f"{d} acc", f"{d} Δacc", f"{d} forgetting", f"{d} Δforg"]
+        expected += [f"{d} acc", f"{d} Δacc", f"{d} forgetting (CDL)", f"{d} Δforg (CDL)",
+                     f"{d} forgetting (Chaudhry)", f"{d} Δforg (Chaudhry)"]
     assert header == expected + ["pruned", "failed"]
     assert set(lines[1].strip("|").split("|")) == {"---"} and lines[1].count("|") == len(header) + 1
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
@@ -374,8 +408,9 @@ def test_markdown_is_a_pipe_table_with_a_column_per_dataset_metric(main_trials):
     kd = dict(zip(header, rows[1]))
     assert baseline["synthetic acc"] == f"42.00 ± {SQRT8:.2f} (n=2)" and baseline["synthetic Δacc"] == ""
     assert kd["synthetic acc"] == f"50.00 ± {SQRT8:.2f} (n=2)" and kd["synthetic Δacc"] == "+8.00"
-    assert kd["synthetic Δforg"] == "-6.00" and kd["fashion_mnist acc"] == "30.00 (n=1)"
-    assert kd["fashion_mnist forgetting"] == "9.00 (n=1)" and kd["fashion_mnist Δacc"] == "+7.00"
+    assert kd["synthetic Δforg (CDL)"] == "-6.00" and kd["synthetic Δforg (Chaudhry)"] == "-12.00"
+    assert kd["fashion_mnist acc"] == "30.00 (n=1)" and kd["fashion_mnist Δacc"] == "+7.00"
+    assert kd["fashion_mnist forgetting (CDL)"] == "9.00 (n=1)" and kd["fashion_mnist forgetting (Chaudhry)"] == "18.00 (n=1)"
     assert (baseline["pruned"], baseline["failed"], kd["pruned"], kd["failed"]) == ("1", "0", "1", "2")
 
 
@@ -385,7 +420,7 @@ def test_markdown_marks_a_dataset_a_row_lacks(main_trials):
     lines = render(paper_table(missing), "markdown").rstrip("\n").split("\n")
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     kd = dict(zip(header, [c.strip() for c in lines[3].strip("|").split("|")]))
-    assert kd["fashion_mnist acc"] == kd["fashion_mnist forgetting"] == "-"
+    assert kd["fashion_mnist acc"] == kd["fashion_mnist forgetting (CDL)"] == kd["fashion_mnist forgetting (Chaudhry)"] == "-"
     assert kd["synthetic acc"].startswith("50.00")
 
 
@@ -401,7 +436,8 @@ def test_csv_parses_with_pandas_and_its_numbers_are_the_table(main_trials, capsy
     for (_, want), (_, got) in zip(table.iterrows(), parsed.iterrows()):
         for column in ("teacher", "student", "method", "kd", "dataset"):
             assert got[column] == want[column]
-        for column in ("acc_mean", "acc_std", "n", "forgetting_mean", "forgetting_std", "acc_delta", "forgetting_delta", "pruned", "failed"):
+        for column in ("acc_mean", "acc_std", "n", "forgetting_cdl_mean", "forgetting_cdl_std", "forgetting_chaudhry_mean",
+                       "forgetting_chaudhry_std", "acc_delta", "forgetting_cdl_delta", "forgetting_chaudhry_delta", "pruned", "failed"):
             if pd.isna(want[column]):
                 assert pd.isna(got[column]), column
             else:
@@ -438,13 +474,19 @@ def test_compare_paper_adds_the_published_numbers_and_the_difference(store):
     table = compare_with_paper(paper_table(trials), load_paper())
     base = _table_row(table, ("none", VB, "coda", "none"), "cifar100")
     assert base["acc_mean"] == 85.5 and base["paper_acc"] == 86.16 and base["paper_forgetting"] == 5.63
-    assert abs(base["acc_vs_paper"] - (85.5 - 86.16)) < 1e-9 and abs(base["forgetting_vs_paper"] - (5.5 - 5.63)) < 1e-9
+    assert abs(base["acc_vs_paper"] - (85.5 - 86.16)) < 1e-9
+    # against CDL's forgetting (5.5), not Chaudhry's nor the runs' headline test_forgetting (both 11.0 here)
+    assert base["forgetting_cdl_mean"] == 5.5 and base["forgetting_chaudhry_mean"] == 11.0
+    assert abs(base["forgetting_vs_paper"] - (5.5 - 5.63)) < 1e-9
     cdl = _table_row(table, (VL, VB, "coda", "cdl_prompt"), "cifar100")
     assert (cdl["paper_acc"], cdl["paper_forgetting"]) == (87.69, 5.40)
     assert abs(cdl["acc_vs_paper"] - (87.5 - 87.69)) < 1e-9 and abs(cdl["acc_delta"] - 2.0) < 1e-9
     no_paper = _table_row(table, (VL, VB, "coda", "kd"), "cifar100")
     assert pd.isna(no_paper["paper_acc"]) and pd.isna(no_paper["acc_vs_paper"])
-    assert len(table) == 3  # the paper's other rows are not added
+    old = _table_row(table, ("none", VS, "coda", "none"), "cifar100")  # older code: only Chaudhry's, as test_forgetting
+    assert old["paper_forgetting"] == 6.48 and abs(old["acc_vs_paper"] - (82.0 - 82.18)) < 1e-9
+    assert pd.isna(old["forgetting_cdl_mean"]) and pd.isna(old["forgetting_vs_paper"])  # missing, not the old number
+    assert len(table) == 4  # the paper's other rows are not added
 
 
 def test_compare_paper_rendered(capsys, store):
@@ -452,13 +494,15 @@ def test_compare_paper_rendered(capsys, store):
     assert code == 0, err
     lines = out.rstrip("\n").split("\n")
     header = [c.strip() for c in lines[0].strip("|").split("|")]
-    assert "cifar100 paper acc/forg" in header and "cifar100 vs paper" in header
+    assert "cifar100 paper acc/forg (CDL)" in header and "cifar100 vs paper" in header
     rows = {tuple(r[:4]): dict(zip(header, r)) for r in ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:])}
-    assert rows[("none", VB, "coda", "none")]["cifar100 paper acc/forg"] == "86.16 / 5.63"
-    assert rows[("none", VB, "coda", "none")]["cifar100 vs paper"] == "-0.66 / -0.13"
-    assert rows[(VL, VB, "coda", "cdl_prompt")]["cifar100 paper acc/forg"] == "87.69 / 5.40"
+    assert rows[("none", VB, "coda", "none")]["cifar100 paper acc/forg (CDL)"] == "86.16 / 5.63"
+    assert rows[("none", VB, "coda", "none")]["cifar100 vs paper"] == "-0.66 / -0.13"  # 5.50 - 5.63, CDL's
+    assert rows[(VL, VB, "coda", "cdl_prompt")]["cifar100 paper acc/forg (CDL)"] == "87.69 / 5.40"
     assert rows[(VL, VB, "coda", "cdl_prompt")]["cifar100 vs paper"] == "-0.19 / +0.10"
-    assert rows[(VL, VB, "coda", "kd")]["cifar100 paper acc/forg"] == "-"
+    assert rows[(VL, VB, "coda", "kd")]["cifar100 paper acc/forg (CDL)"] == "-"
+    old = rows[("none", VS, "coda", "none")]
+    assert old["cifar100 vs paper"] == "-0.18 / -" and old["cifar100 forgetting (CDL)"] == "-"
 
     code, out, err = run_main(capsys, "--experiment", "sweep-paper", "--tracking-uri", store["uri"], "--compare", "paper", "--format", "csv")
     assert code == 0, err
@@ -466,12 +510,29 @@ def test_compare_paper_rendered(capsys, store):
     assert {"paper_acc", "paper_forgetting", "acc_vs_paper", "forgetting_vs_paper"} <= set(parsed.columns)
     cdl = _table_row(parsed, (VL, VB, "coda", "cdl_prompt"), "cifar100")
     assert cdl["paper_acc"] == 87.69 and abs(cdl["acc_vs_paper"] - -0.19) < 1e-4
+    assert abs(cdl["forgetting_vs_paper"] - (5.5 - 5.40)) < 1e-4
     assert pd.isna(_table_row(parsed, (VL, VB, "coda", "kd"), "cifar100")["paper_acc"])
 
     code, out, err = run_main(capsys, "--experiment", "sweep-paper", "--tracking-uri", store["uri"], "--compare", "paper")
     assert code == 0, err
     kd_line = next(line for line in out.splitlines() if line.split()[:4] == [VL, VB, "coda", "kd"])
     assert " - " in kd_line + " "
+
+
+def test_a_sweep_logged_by_older_code_has_no_named_forgetting(capsys, store, tmp_path):
+    """Its test_forgetting was Chaudhry's; neither named column is filled from it."""
+    trials, _ = load_trials(store["uri"], "sweep-old")
+    assert trials["test_forgetting"].tolist() == [20.0]
+    assert trials[["test_forgetting_cdl", "test_forgetting_chaudhry"]].isna().all().all()
+    code, out, err = run_main(capsys, "--experiment", "sweep-old", "--tracking-uri", store["uri"], "--format", "markdown",
+                              "--parquet", str(tmp_path / "pq"))
+    assert code == 0, err
+    lines = [line for line in out.splitlines() if line.startswith("|")]
+    row = dict(zip([c.strip() for c in lines[0].strip("|").split("|")], [c.strip() for c in lines[2].strip("|").split("|")]))
+    assert row["synthetic acc"] == "40.00 (n=1)"
+    assert row["synthetic forgetting (CDL)"] == row["synthetic forgetting (Chaudhry)"] == "-"
+    tasks = pd.read_parquet(tmp_path / "pq" / "tasks.parquet")
+    assert tasks["test_forgetting"].notna().all() and tasks["test_forgetting_cdl"].isna().all()
 
 
 # -- Parquet ---------------------------------------------------------------------------------------------------
@@ -491,7 +552,8 @@ def test_parquet_export_matches_the_schema_and_the_logged_values(capsys, store, 
         assert runs_schema.field(name).type == arrow[kind], name
     # the documented interface, independent of RUNS_SCHEMA itself
     ints = {"seed", "optuna_trial"}
-    doubles = {"metric", "test_avg_acc", "test_forgetting", "test_avg_incremental_acc", "val_avg_acc", "val_forgetting"}
+    doubles = {"metric", "test_avg_acc", "test_forgetting", "test_forgetting_cdl", "test_forgetting_chaudhry",
+               "test_avg_incremental_acc", "val_avg_acc", "val_forgetting", "val_forgetting_cdl", "val_forgetting_chaudhry"}
     strings = {"run_id", "sweep", "cell", "teacher", "student", "method", "kd", "dataset", "status", "teacher_run_id", "config"}
     assert set(runs_schema.names) == ints | doubles | strings
     for name in runs_schema.names:
@@ -506,7 +568,8 @@ def test_parquet_export_matches_the_schema_and_the_logged_values(capsys, store, 
         got = by_id.loc[run_id]
         assert got["cell"] == fake.cell and got["status"] == fake.status and int(got["seed"]) == fake.seed
         if fake.steps:
-            assert got["metric"] == fake.val and got["test_avg_acc"] == fake.acc and got["test_forgetting"] == fake.forg
+            assert got["metric"] == fake.val and got["test_avg_acc"] == fake.acc and got["test_forgetting"] == fake.headline_forg
+            assert got["test_forgetting_cdl"] == fake.forg and got["test_forgetting_chaudhry"] == 2 * fake.forg
         if fake.config:
             assert RunConfig.from_dict(json.loads(got["config"])).to_dict() == fake.run_config()
         else:
@@ -517,7 +580,8 @@ def test_parquet_export_matches_the_schema_and_the_logged_values(capsys, store, 
             assert pd.isna(got["teacher_run_id"])
 
     tasks_schema = pq.read_schema(directory / "tasks.parquet")
-    metrics = ["test_avg_acc", "test_forgetting", "val_avg_acc", "val_forgetting", "test_acc_task1", "test_acc_task2"]
+    metrics = ["test_avg_acc", "test_forgetting", "test_forgetting_cdl", "test_forgetting_chaudhry", "val_avg_acc",
+               "val_forgetting", "val_forgetting_cdl", "val_forgetting_chaudhry", "test_acc_task1", "test_acc_task2"]
     assert tasks_schema.names == ["run_id", "task", *metrics]
     assert tasks_schema.field("run_id").type == pa.string() and tasks_schema.field("task").type == pa.int64()
     assert all(tasks_schema.field(m).type == pa.float64() for m in metrics)

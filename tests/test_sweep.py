@@ -23,7 +23,7 @@ from search_spaces import full, paper, smoke
 pytestmark = pytest.mark.usefixtures("forbid_demo_pretraining")
 
 RANDOM_WEIGHTS = {"student.weights": "random", "teacher.weights": "random"}
-TINY = RANDOM_WEIGHTS | {"data.n_tasks": 5, "train.device": "cpu"}
+TINY = RANDOM_WEIGHTS | {"data.n_tasks": 5, "train.device": "cpu", "data.val_fraction": 0.1}
 
 
 def write_space(tmp_path: Path, body: str, name: str = "space.py") -> str:
@@ -190,7 +190,8 @@ def test_run_config_applies_base_then_per_dataset_then_tuned_overrides():
     fmnist = space.run_config(kd["fashion_mnist"])
     assert fmnist["train"]["epochs"] == 5 and fmnist["train"]["lr"] == 0.25 and fmnist["distill"]["alpha"] == 0.5
     assert fmnist["data"]["name"] == "fashion_mnist" and fmnist["data"]["n_tasks"] == 5
-    assert (fmnist["teacher"], fmnist["student"]) == ({"preset": "demo-t", "weights": "random"}, {"preset": "demo-s", "weights": "random"})
+    assert (fmnist["teacher"], fmnist["student"]) == ({"preset": "demo-t", "weights": "random", "pretrained_tag": None},
+                                                     {"preset": "demo-s", "weights": "random", "pretrained_tag": None})
     assert (fmnist["prompt"]["method"], fmnist["distill"]["method"]) == ("coda", "kd")
 
 
@@ -200,7 +201,7 @@ def test_teacher_overrides_are_ignored_for_no_teacher_cells():
     config = space.run_config(alone, {"teacher.weights": "random"})
     assert config["teacher"] is None and config["distill"]["method"] == "none"
     with_teacher = next(c for c in space.cells() if c.teacher)
-    assert space.run_config(with_teacher)["teacher"] == {"preset": "demo-s", "weights": "random"}
+    assert space.run_config(with_teacher)["teacher"] == {"preset": "demo-s", "weights": "random", "pretrained_tag": None}
 
 
 def test_override_into_a_non_section_is_a_space_error():
@@ -320,7 +321,7 @@ def test_plan_counts_teacher_trainings_with_and_without_reuse(tmp_path, tune, ba
     path.write_text(
         "from orchestrator.space import SweepSpace\n\n\ndef tune(trial, cell):\n    " + tune + "\n\n\n"
         f"SPACE = SweepSpace(name='plan', description='', pairs=[('demo-t', 'demo-s'), (None, 'demo-s')], methods=['coda'], "
-        f"kd_methods=['kd'], datasets=['synthetic'], tune=tune, trials_per_cell=3, base={base!r})\n"
+        f"kd_methods=['kd'], datasets=['synthetic'], tune=tune, trials_per_cell=3, base={ {'data.val_fraction': 0.1} | base !r})\n"
     )
     plan = make_plan(load_space(str(path)))
     assert (plan.teacher_trainings_without_reuse, plan.teacher_trainings_with_reuse, plan.own_teacher_trials) == expected
@@ -626,7 +627,8 @@ def test_a_trial_whose_accuracy_falls_faster_than_its_cells_is_pruned_although_i
         decision = TrialScheduler.CONTINUE
         for t, acc in enumerate(accuracies, start=1):
             matrices.append([acc] * t)
-            run = SimpleNamespace(n_tasks=4, teacher_entry=None, state=SimpleNamespace(matrices={"student": {"val": matrices, "test": matrices}}))
+            run = SimpleNamespace(n_tasks=4, teacher_entry=None, cfg=SimpleNamespace(forgetting="cdl"),
+                                  state=SimpleNamespace(matrices={"student": {"val": matrices, "test": matrices}}))
             result = task_metrics(run, SimpleNamespace(task_id=t - 1, seconds={"total": 0.0}))
             decision = scheduler.on_trial_result(None, SimpleNamespace(trial_id=tid), result)
             if decision == TrialScheduler.STOP:

@@ -226,10 +226,13 @@ def test_the_key_is_the_same_in_a_fresh_process(weight_files, tmp_path):
 DATA_CHANGES = {
     "name": "fashion_mnist", "n_tasks": 5, "class_order": "shuffled", "class_order_seed": 1, "train_per_class": 2,
     "test_per_class": 2, "val_fraction": 0.2, "split_seed": 1, "train_augment": False, "crop_scale_min": 0.5,
+    "input_scaling": "mean_std",
 }
+DATA_BY_CONTENT = {"split_files"}  # in the key as official-or-ours; the lists' content through the data fingerprint
 TRAIN_CHANGES = {
     "epochs": 2, "batch_size": 4, "lr": 5e-3, "betas": (0.8, 0.999), "weight_decay": 1e-4, "lr_schedule": "constant", "seed": 1,
     "precision": "bf16", "compile": True,  # both change the teacher's weights in the last bits
+    "drop_last": False,
 }
 
 
@@ -271,8 +274,17 @@ def test_every_setting_the_teacher_depends_on_changes_the_key(make_base, make_ot
 
 def test_every_data_and_train_field_is_classified_for_the_key():
     """A new DataConfig/TrainConfig field must be added to the key tests above (and to teacher_identity)."""
-    assert set(DATA_CHANGES) | set(DATA_IRRELEVANT) == {f.name for f in dataclasses.fields(DataConfig)}
+    assert set(DATA_CHANGES) | set(DATA_IRRELEVANT) | DATA_BY_CONTENT == {f.name for f in dataclasses.fields(DataConfig)}
     assert set(TRAIN_CHANGES) | set(TRAIN_IRRELEVANT) == {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def test_official_split_files_enter_the_key_as_official_whatever_their_path():
+    def key(split_files):
+        cfg = RunConfig.from_dict({"data": {"name": "imagenet_r", "split_files": split_files}, "student": {"weights": "random"},
+                                   "teacher": {"preset": "demo-t", "weights": "random"}, "distill": {"method": "kd"}})
+        return teacher_key(cfg)
+
+    assert key("/data/splits") == key("/elsewhere/splits") != key(None)
 
 
 def test_a_new_trainer_version_changes_the_key(monkeypatch):

@@ -34,14 +34,12 @@ class BackbonePreset:
     pretrained_tag: str | None = None  # hub presets: the timm pretrained tag loaded by weights='default'
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model beyond its defaults
 
-    @property
-    def hub_model(self) -> str:
-        """timm's `architecture.tag` name of the default hub weights."""
-        return f"{self.timm_name}.{self.pretrained_tag}"
+    def hub_model(self, tag: str | None = None) -> str:
+        """timm's `architecture.tag` name of the hub weights with `tag` (None: the preset's own)."""
+        return f"{self.timm_name}.{tag or self.pretrained_tag}"
 
-    @property
-    def hf_hub_id(self) -> str:
-        return f"timm/{self.hub_model}"
+    def hf_hub_id(self, tag: str | None = None) -> str:
+        return f"timm/{self.hub_model(tag)}"
 
 
 PRESETS: dict[str, BackbonePreset] = {}
@@ -71,10 +69,13 @@ for _size, _dim, _depth, _heads, _tag in (
 
 # CPU demo sizes: 32 px, patch 4, head width 32. Like ViT-B -> ViT-S, teacher and student share the depth
 # (6, so every official prompt layer 0-4 exists) and differ in width.
+# They are pretrained here on inputs in [0, 1] (the official protocol's scaling): their own mean/std are 0/1, so
+# both input scalings feed them what they were pretrained on.
 _DEMO = dict(img_size=32, patch_size=4, depth=6)
-register_preset(BackbonePreset("demo-t", "vit_tiny_patch16_224", "demo_pretrain", 128, 6, 4, 32,
+_UNIT = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+register_preset(BackbonePreset("demo-t", "vit_tiny_patch16_224", "demo_pretrain", 128, 6, 4, 32, **_UNIT,
                                model_kwargs=dict(_DEMO, embed_dim=128, num_heads=4)))
-register_preset(BackbonePreset("demo-s", "vit_tiny_patch16_224", "demo_pretrain", 64, 6, 2, 32,
+register_preset(BackbonePreset("demo-s", "vit_tiny_patch16_224", "demo_pretrain", 64, 6, 2, 32, **_UNIT,
                                model_kwargs=dict(_DEMO, embed_dim=64, num_heads=2)))
 
 
@@ -112,7 +113,7 @@ def cache_dir() -> Path:
 def _recipe_key(preset_name: str, recipe: PretrainRecipe) -> str:
     preset = PRESETS[preset_name]
     payload = dict(preset=preset_name, timm_name=preset.timm_name, model_kwargs=preset.model_kwargs,
-                   recipe=asdict(recipe), version=PRETRAIN_VERSION)
+                   mean=preset.mean, std=preset.std, recipe=asdict(recipe), version=PRETRAIN_VERSION)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -126,17 +127,17 @@ def uses_demo_pretraining(preset_name: str, weights: str) -> bool:
     return weights == "default" and PRESETS[preset_name].weights_source == "demo_pretrain"
 
 
-def weights_source_id(preset_name: str, weights: str) -> str:
+def weights_source_id(preset_name: str, weights: str, tag: str | None = None) -> str:
     """Names the weights a backbone config loads without loading them, for content-addressed keys: the demo
-    recipe's hash, the hub model id and pretrained tag, the sha256 of a weights file, or random (seeded by the
-    preset)."""
+    recipe's hash, the hub model id and pretrained tag (`tag`, None: the preset's), the sha256 of a weights file,
+    or random (seeded by the preset)."""
     preset = get_preset(preset_name)
     if weights == "random":
         return f"random:{preset.name}"
     if uses_demo_pretraining(preset_name, weights):
         return f"demo_pretrain:{demo_weights_path(preset.name).stem}"
     if weights == "default":
-        return f"hub:{preset.hf_hub_id}@{preset.pretrained_tag}"
+        return f"hub:{preset.hf_hub_id(tag)}@{tag or preset.pretrained_tag}"
     path = Path(weights).expanduser().resolve()
     stat = path.stat()
     return f"file-sha256:{_file_sha256(path, stat.st_size, stat.st_mtime_ns)}"

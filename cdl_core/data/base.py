@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar, Protocol
 
@@ -18,6 +19,11 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from cdl_core.catalog.datasets import DATASETS, DatasetInfo
 from cdl_core.config import DataConfig
 from cdl_core.errors import DatasetNotFoundError  # noqa: F401  (defined there; importable here as before)
+
+
+# How a dataset's train/test division was made, when the dataset's own files make it (CIFAR-100's and
+# Fashion-MNIST's train/test files, the synthetic generator's separate train and test draws).
+DATASET_SPLIT: dict = {"split": "dataset"}
 
 
 def default_data_root() -> Path:
@@ -73,6 +79,8 @@ class SourceData:
     train_labels: np.ndarray  # int64, original class ids, file order
     test_images: ImageStore
     test_labels: np.ndarray
+    # which train/test division this is, recorded with the run: {"split": "dataset" | "official" | "ours", ...}
+    split: dict = field(default_factory=lambda: dict(DATASET_SPLIT))
 
 
 class DatasetSource(ABC):
@@ -135,10 +143,14 @@ class ClassIncrementalStream:
     tasks: list[TaskSplit]
     val_fraction: float = 0.0
     split_seed: int = 0
+    split: dict = field(default_factory=lambda: dict(DATASET_SPLIT))  # SourceData.split: how train/test was made
 
     def fingerprint(self) -> str:
-        """sha256 over the class order and every chosen sample index, task by task and split by split."""
+        """sha256 over the train/test record, the class order and every chosen sample index, task by task and
+        split by split."""
         digest = hashlib.sha256(np.asarray(self.class_order, dtype=np.int64).tobytes())
+        # two divisions (e.g. official lists and ours) that happen to give equal indices are still different data
+        digest.update(b"|" + json.dumps(self.split, sort_keys=True).encode())
         for task in self.tasks:
             for split in (task.train, task.val, task.test):
                 digest.update(b"|")
@@ -156,6 +168,7 @@ class ClassIncrementalStream:
             "class_order": list(self.class_order),
             "val_fraction": self.val_fraction,
             "split_seed": self.split_seed,
+            **self.split,  # "split": "dataset" | "official" (+ split_files_sha256) | "ours" (+ seed, fraction)
             "tasks": [
                 {"task_id": t.task_id, "train": len(t.train), "val": len(t.val), "test": len(t.test)}
                 for t in self.tasks

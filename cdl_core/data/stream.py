@@ -52,7 +52,8 @@ def build_stream(
     mean: tuple[float, float, float],
     std: tuple[float, float, float],
 ) -> ClassIncrementalStream:
-    """Build the task stream described by `cfg`; image_size/mean/std come from the backbone."""
+    """Build the task stream described by `cfg`; image_size/mean/std come from the backbone (mean/std used only
+    with data.input_scaling="mean_std")."""
     cfg.validate()
     info = get_dataset(cfg.name)
     n_tasks = info.n_tasks(cfg.n_tasks)
@@ -71,10 +72,9 @@ def build_stream(
     train_by_class = first_per_class(data.train_labels, n_classes, train_cap)
     test_by_class = first_per_class(data.test_labels, n_classes, test_cap)
 
-    test_tf = build_test_transform(image_size, mean, std, center_crop=info.center_crop_test)
-    train_tf = (
-        build_train_transform(image_size, mean, std, cfg.crop_scale_min) if cfg.train_augment else test_tf
-    )
+    normalize = (mean, std) if cfg.input_scaling == "mean_std" else None  # "unit": [0, 1], as the official code
+    test_tf = build_test_transform(image_size, normalize, center_crop=info.center_crop_test)
+    train_tf = build_train_transform(image_size, normalize, cfg.crop_scale_min) if cfg.train_augment else test_tf
 
     tasks = []
     for t in range(n_tasks):
@@ -105,6 +105,7 @@ def build_stream(
         tasks=tasks,
         val_fraction=cfg.val_fraction,
         split_seed=cfg.split_seed,
+        split=data.split,
     )
     log.info(
         "stream %s: %d tasks x %d classes, %d train / %d val / %d test images, split %s",

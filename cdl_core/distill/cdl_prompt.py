@@ -1,5 +1,10 @@
-"""`cdl_prompt`: CDL-Prompt — mapped teacher prompts in the student, a `kd_last` head distilled from the
-teacher's logits, prediction = mean of `last` and `kd_last`."""
+"""`cdl_prompt`: CDL-Prompt as the v1 paper's text describes it — the teacher's prompts mapped into the student
+by attention, a `kd_last` head on [CLS] distilled from the teacher's logits, prediction (1 - a) z_last + a z_kd
+(distill.prediction="weighted", the official code's) or their mean.
+
+Measured beside the official code (IRVLUTD/CDL at the paper's first commits): it never runs this mapping — the
+teacher's prompts are computed and discarded, and the student trains a learnable KD token instead (the KD-token
+methods are `dcdl`/`deit`). This method is the paper's description, not what produced its v1 numbers."""
 from __future__ import annotations
 
 import torch
@@ -29,7 +34,8 @@ class CDLPrompt(KDMethod):
         return self.mapping(teacher_prompt_queries)
 
     def predict(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        return (logits + self.kd_head(features)) / 2
+        share = self.cfg.alpha if self.cfg.prediction == "weighted" else 0.5
+        return (1 - share) * logits + share * self.kd_head(features)
 
     def loss(self, features, logits, teacher_logits, targets: torch.Tensor, classes: TaskClasses) -> torch.Tensor:
         a, current = self.cfg.alpha, slice(classes.past, classes.seen)
