@@ -38,8 +38,7 @@ from cdl_core.config import BackboneConfig, ConfigError, DataConfig, DistillConf
 from cdl_core.learner import ContinualRun, teacher_identity, teacher_key
 from cdl_core.teacher_store import TEMP_PREFIX, TeacherEntry, TeacherStore, TeacherStoreError, content_key
 from orchestrator import teachers as teachers_cli
-from orchestrator.teachers import LeaseTable, TeacherSharing, start_lease_actor
-from sweep_checks import ray_nodes
+from orchestrator.teachers import LeaseTable
 
 pytestmark = pytest.mark.usefixtures("forbid_demo_pretraining")
 
@@ -789,78 +788,32 @@ def test_release_by_a_non_holder_is_a_no_op():
     assert table.held() == {} and table.acquire("k", "b", ttl=5)
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    """A 2-CPU Ray node in its own processes: these tests kill a worker, and an in-process `ray.init` node can take
-    the driver (pytest) down with exit code 1 while it shuts down after that (seen once in CI)."""
-    import ray
-
-    with ray_nodes([2], token_auth=False) as node:
-        ray.init(address=node.address, log_to_driver=False)
-        try:
-            yield ray
-        finally:
-            ray.shutdown()
+def run_lease_scenario(scenario: str, directory: Path) -> dict:
+    """Run one scenario of tests/lease_scenarios.py as its own Ray driver; what it printed."""
+    script = Path(__file__).with_name("lease_scenarios.py")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, str(script), scenario, str(directory)], env=env, capture_output=True, text=True, timeout=600)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    assert lines, f"exit {done.returncode}: {done.stderr[-3000:]}"
+    return json.loads(lines[-1])
 
 
 @pytest.mark.slow
-def test_teacher_lock_admits_one_process_at_a_time(ray_session):
-    ray = ray_session
-    name = f"test-leases-{uuid.uuid4().hex}"
-    actor = start_lease_actor(name)  # noqa: F841 (the actor lives while referenced)
-    sharing = TeacherSharing(store="unused", lease_actor=name, lease_ttl=30.0, poll_seconds=0.02)
-
-    def hold(sharing: TeacherSharing) -> tuple[float, float, float, int]:
-        import os
-        import time
-
-        asked = time.time()
-        with sharing.lock("k/task_0"):
-            start = time.time()
-            time.sleep(0.4)
-            end = time.time()
-        return asked, start, end, os.getpid()
-
-    hold_remote = ray.remote(num_cpus=1, max_retries=0)(hold)
-    ray.get([ray.remote(num_cpus=1)(lambda: None).remote() for _ in range(2)], timeout=120)  # start both workers
-    results = sorted(ray.get([hold_remote.remote(sharing) for _ in range(4)], timeout=120), key=lambda r: r[1])
+def test_teacher_lock_admits_one_process_at_a_time(tmp_path):
+    out = run_lease_scenario("lock", tmp_path)
+    results = sorted(out["results"], key=lambda r: r[1])
     for (_, _, end, _), (_, start, _, _) in zip(results, results[1:]):
         assert start >= end, results
     assert len({pid for *_, pid in results}) > 1  # several processes
     assert any(asked < end for (_, _, end, _), (asked, *_) in zip(results, results[1:])), "no process had to wait"
-    assert ray.get(actor.held.remote()) == {}
+    assert out["held"] == {}
 
 
 @pytest.mark.slow
-def test_a_lease_whose_holder_was_killed_is_free_after_its_ttl_not_before(ray_session, tmp_path):
-    ray = ray_session
-    name = f"test-leases-{uuid.uuid4().hex}"
-    actor = start_lease_actor(name)  # noqa: F841
-    ttl = 2.0
-    sharing = TeacherSharing(store="unused", lease_actor=name, lease_ttl=ttl, poll_seconds=0.02)
-
-    def die_holding(sharing: TeacherSharing, marker: str) -> None:
-        import os
-        import time
-        from pathlib import Path
-
-        with sharing.lock("k/task_0"):
-            Path(marker).write_text(repr(time.time()))
-            os._exit(1)
-
-    def acquire(sharing: TeacherSharing) -> float:
-        import time
-
-        with sharing.lock("k/task_0"):
-            return time.time()
-
-    marker = tmp_path / "acquired"
-    with pytest.raises(ray.exceptions.RayError):
-        ray.get(ray.remote(num_cpus=1, max_retries=0)(die_holding).remote(sharing, str(marker)), timeout=120)
-    dead_acquired = float(marker.read_text())
-    # in a worker, so that a lease that never frees fails the test instead of hanging it
-    acquired = ray.get(ray.remote(num_cpus=1, max_retries=0)(acquire).remote(sharing), timeout=60)
+def test_a_lease_whose_holder_was_killed_is_free_after_its_ttl_not_before(tmp_path):
+    out = run_lease_scenario("killed", tmp_path)
+    assert out["died"]
+    waited = out["acquired"] - out["dead_acquired"]
     # the dead holder's lease was taken just before it wrote the marker: allow for that latency
-    assert acquired >= dead_acquired + ttl - 0.5, acquired - dead_acquired
-    assert acquired <= dead_acquired + ttl + 20, acquired - dead_acquired
-    assert ray.get(actor.held.remote()) == {}
+    assert out["ttl"] - 0.5 <= waited <= out["ttl"] + 20, waited
+    assert out["held"] == {}
