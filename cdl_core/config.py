@@ -19,7 +19,7 @@ from cdl_core.catalog.datasets import get_dataset
 from cdl_core.catalog.distill import KD_PARAMS, resolve_kd_params
 from cdl_core.catalog.presets import DEMO_RECIPES, FASHION_RESERVED_PER_CLASS, PRESETS, get_preset, uses_demo_pretraining
 from cdl_core.catalog.prompts import PROMPT_PARAMS, resolve_prompt_params
-from cdl_core.catalog.protocols import PROTOCOLS, fill_from_protocol, get_protocol
+from cdl_core.catalog.protocols import PROTOCOLS, fill_from_protocol, protocol_fields
 from cdl_core.errors import ConfigError
 
 __all__ = ["BackboneConfig", "ConfigError", "DataConfig", "DistillConfig", "PromptConfig", "RunConfig", "TrainConfig"]
@@ -268,9 +268,8 @@ class RunConfig:
         """The protocol's name and the value of each field it sets, as this (validated) run uses them, with the
         KD temperature actually applied: what a reader of the run needs to compare it with another."""
         record: dict[str, Any] = {"protocol": self.protocol}
-        for dotted in get_protocol(self.protocol).settings:
-            owner, _, name = dotted.rpartition(".")
-            record[dotted] = getattr(getattr(self, owner) if owner else self, name)
+        for owner, name, _ in protocol_fields(self.protocol):
+            record[f"{owner}.{name}" if owner else name] = getattr(getattr(self, owner) if owner else self, name)
         record["distill.temperature"] = self.distill.temperature
         return record
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cdl_core.cli import run_cli
-from cdl_core.catalog.protocols import PROTOCOLS, get_protocol
+from cdl_core.catalog.protocols import PROTOCOLS, protocol_fields
 from cdl_core.config import BackboneConfig, RunConfig
 from cdl_core.errors import ConfigError
 
@@ -91,8 +91,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         raw = RunConfig.from_json(args.config).to_dict()
     if args.protocol:  # the protocol's values replace the file's for the fields it sets; single flags come after
         raw["protocol"] = args.protocol
-        for dotted in get_protocol(args.protocol).settings:
-            owner, _, name = dotted.rpartition(".")
+        for owner, name, _ in protocol_fields(args.protocol):
             (raw[owner] if owner else raw)[name] = None
     data, train, distill, prompt = raw["data"], raw["train"], raw["distill"], raw["prompt"]
     for flag, section, key in [

@@ -37,13 +37,12 @@ def task_metrics(run: ContinualRun, report: TaskReport) -> dict[str, Any]:
     for role, by_split in run.state.matrices.items():
         prefix = "" if role == "student" else "teacher_"
         for split, matrix in by_split.items():
-            out[f"{prefix}{split}_avg_acc"] = metrics.final_average_accuracy(matrix)
-            for name, compute in metrics.FORGETTING.items():  # both definitions, each under its own name
-                out[f"{prefix}{split}_forgetting_{name}"] = compute(matrix)
-            out[f"{prefix}{split}_forgetting"] = out[f"{prefix}{split}_forgetting_{run.cfg.forgetting}"]  # the headline one
-            out[f"{prefix}{split}_avg_incremental_acc"] = metrics.average_incremental_accuracy(matrix)
+            # forgetting: the definition the config shows; forgetting_cdl and forgetting_chaudhry: both by name
+            summary = metrics.summarize(matrix, shown=run.cfg.forgetting)
+            out[f"{prefix}{split}_avg_acc"] = summary.pop("final_avg_acc")
+            out |= {f"{prefix}{split}_{name}": value for name, value in summary.items()}
             # Area under the accuracy-after-each-task curve: only grows, unlike the accuracy itself (see pruning.py)
-            out[f"{prefix}{split}_acc_area"] = metrics.average_incremental_accuracy(matrix) * len(matrix)
+            out[f"{prefix}{split}_acc_area"] = summary["avg_incremental_acc"] * len(matrix)
         for j, acc in enumerate(by_split["test"][-1]):
             out[f"{prefix}test_acc_task{j + 1}"] = acc
     out["test_matrix"] = json.dumps(run.state.matrices["student"]["test"])

@@ -204,17 +204,13 @@ def alive_nodes(address: str, env: dict[str, str]) -> list[str]:
 
 
 @contextmanager
-def ray_nodes(cpus: list[int], token_auth: bool = True):
+def ray_nodes(cpus: list[int]):
     """Ray nodes started the way the cluster launcher starts them: `ray start --head`, then `ray start --address`,
-    one process group and temp dir each, `cpus[i]` CPUs on node i, with Ray's token authentication unless
-    `token_auth` is false (`.env`: the environment a driver needs to join). A driver joining them only connects and
-    disconnects, so a worker killed by a test cannot take the driver's own Ray processes (and pytest) down at
-    shutdown. Stops every process it started and fails if any is left."""
+    one process group and temp dir each, `cpus[i]` CPUs on node i, with Ray's token authentication (`.env`: the
+    environment a driver needs to join). Stops every process it started and fails if any is left."""
     base = Path(tempfile.mkdtemp(prefix="cdl-ray-", dir="/tmp"))  # short: Ray's socket paths have a length limit
     (base / "auth_token").write_text(secrets.token_hex(32))
-    # `ray start` defaults to token auth (as `ray up` sets it up); a driver that already imported ray has read its
-    # auth mode at import, so a test that joins from the pytest process opts out
-    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(base / "auth_token")} if token_auth else {"RAY_AUTH_MODE": "disabled"}
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(base / "auth_token")}  # as `ray up` sets it up
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | auth | {
         "PYTHONPATH": str(ROOT), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     address = f"127.0.0.1:{free_port()}"

@@ -46,10 +46,14 @@ def get_protocol(name: str) -> Protocol:
     return PROTOCOLS[name]
 
 
+def protocol_fields(protocol: str) -> list[tuple[str, str, Any]]:
+    """(section, field, value) of each setting of `protocol`; section "" is the run config's own fields."""
+    return [(*dotted.rpartition(".")[::2], value) for dotted, value in get_protocol(protocol).settings.items()]
+
+
 def fill_from_protocol(section: Any, prefix: str, protocol: str) -> None:
     """Set each of `section`'s protocol fields that is still None (unset) to `protocol`'s value; `prefix` is the
     section's name in the dotted keys ("" for the run config's own fields)."""
-    for dotted, value in get_protocol(protocol).settings.items():
-        owner, _, name = dotted.rpartition(".")
+    for owner, name, value in protocol_fields(protocol):
         if owner == prefix and getattr(section, name) is None:
             setattr(section, name, value)
