@@ -12,16 +12,27 @@ before them on CPU, torch's peak allocation on CUDA). Random weights (speed does
     python bench/step_throughput.py                                  # demo presets demo-t -> demo-s, batch 64, 1 thread
     python bench/step_throughput.py --paper --batch-size 16          # ViT-B -> ViT-S at 224 px (random weights)
     python bench/step_throughput.py --device cuda --precision bf16 --compile   # on a GPU
+
+A second table times the student step of every (prompt method, distillation method) pair; with `--against REV`
+(a git revision, e.g. the commit before a change) each step is timed beside the same step of that revision's
+code, alternately, each in its own process (bench/step_worker.py), and the ratio is printed: below 1.00x the
+working tree's step is slower.
+
+    python bench/step_throughput.py --table methods --against 764fcfb
 """
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import re
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -34,6 +45,9 @@ from cdl_core.distill import TaskClasses  # noqa: E402
 from cdl_core.learner import ContinualRun  # noqa: E402
 
 METHODS = ("coda", "l2p", "dualprompt")
+ALL_PROMPTS = ("coda", "l2p", "dualprompt", "apt")
+ALL_KD = ("none", "kd", "dkd", "fitnets", "reviewkd", "deit", "dcdl", "cdl_prompt")
+ROOT = Path(__file__).resolve().parent.parent
 TASK = 1  # a task after the first: earlier CODA components are frozen and past classes are masked
 
 
@@ -72,7 +86,7 @@ def make_step(run: ContinualRun, impl: str, images: torch.Tensor, targets: torch
         reference = reference or OfficialStyleStep(run)
         optimizer = reference.optimizer()
         return lambda: reference.step(images, targets, TASK, classes, optimizer)
-    optimizer, _ = run._optimizer(run.student)
+    optimizer, _ = run.trainer.optimizer(run.student)
     frozen = run.frozen_inputs("student", images, TASK) if impl == "ours_cached" else None
     return lambda: run.step("student", images, targets, TASK, classes, [optimizer], frozen)
 
@@ -134,6 +148,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="torch.compile the product's backbone passes")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a smoke-sweep trial's one CPU)")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory measurement")
+    parser.add_argument("--table", choices=["reference", "methods", "both"], default="both",
+                        help="reference: CDL-Prompt against the official-style step; methods: every method pair's step")
+    parser.add_argument("--prompts", nargs="+", default=list(ALL_PROMPTS), help="prompt methods of the methods table")
+    parser.add_argument("--kd-methods", nargs="+", default=list(ALL_KD), help="distillation methods of the methods table")
+    parser.add_argument("--against", metavar="REV", help="time each step of the methods table beside git revision REV's")
     args = parser.parse_args(argv)
     if args.paper:
         args.pair = ["vit_base_patch16_224", "vit_small_patch16_224"]
@@ -143,8 +162,98 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    rows = reference_table(args) if args.table in ("reference", "both") else []
+    if args.table in ("methods", "both"):
+        rows += methods_table(args)
+    return rows
+
+
+def _where(args: argparse.Namespace) -> str:
     device = torch.device(args.device)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
+
+
+class StepWorker:
+    """A bench/step_worker.py process timing one step of the code in `tree`."""
+
+    def __init__(self, tree: Path, args: argparse.Namespace, prompt: str, kd: str) -> None:
+        settings = dict(pair=args.pair, batch_size=args.batch_size, steps=args.steps, device=args.device,
+                        precision=args.precision, compile=args.compile, threads=args.threads, prompt=prompt, kd=kd)
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "step_worker.py"), str(tree), json.dumps(settings)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=tree)
+        reply = json.loads(self.proc.stdout.readline() or '{"error": "the worker exited"}')
+        self.error = reply.get("error")
+        if not self.error and Path(reply["cdl_core"]) != tree.resolve():
+            raise RuntimeError(f"the worker for {tree} imported cdl_core from {reply['cdl_core']}")
+
+    def time(self) -> float:
+        self.proc.stdin.write("time\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())["img_per_s"]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.close()
+        self.proc.wait()
+
+
+@contextmanager
+def checkout(revision: str):
+    """`revision` of this repository checked out in a temporary worktree."""
+    with tempfile.TemporaryDirectory(prefix="step-bench-") as parent:
+        tree = Path(parent) / "tree"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), revision], check=True, capture_output=True)
+        try:
+            yield tree
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False, capture_output=True)
+
+
+def methods_table(args: argparse.Namespace) -> list[dict]:
+    """The student step of every (prompt method, distillation method) pair, in img/s; with --against, beside the
+    same step of that revision (alternating runs, each implementation in its own process)."""
+    against = f" beside {args.against}" if args.against else ""
+    print(f"\nStudent step of every method pair{against}, {args.pair[0]} -> {args.pair[1]} (alone: {args.pair[1]}), "
+          f"batch {args.batch_size}, {_where(args)}; median of {args.repeats} runs x {args.steps} steps")
+    header = f"{'prompt':<11} {'distill':<11} {'img/s':>8}"
+    if args.against:
+        header += f" {args.against[:10]:>10} {'ratio':>6}"
+    print(header, flush=True)
+    rows = []
+    with (checkout(args.against) if args.against else nullcontext()) as old_tree:
+        for prompt in args.prompts:
+            for kd in args.kd_methods:
+                workers = {"ours": StepWorker(ROOT, args, prompt, kd)}
+                if old_tree is not None:
+                    workers["old"] = StepWorker(old_tree, args, prompt, kd)
+                try:
+                    if workers["ours"].error:
+                        print(f"{prompt:<11} {kd:<11} {'-':>8}  ({workers['ours'].error[:90]})", flush=True)
+                        continue
+                    live = {name: w for name, w in workers.items() if not w.error}
+                    rates: dict[str, list[float]] = {name: [] for name in live}
+                    for _ in range(args.repeats):
+                        for name, worker in live.items():
+                            rates[name].append(worker.time())
+                    row = {"prompt": prompt, "kd": kd, "ours": statistics.median(rates["ours"])}
+                    line = f"{prompt:<11} {kd:<11} {row['ours']:>8.1f}"
+                    if "old" in live:
+                        row["old"] = statistics.median(rates["old"])
+                        row["ratio"] = statistics.median(o / r for o, r in zip(rates["ours"], rates["old"]))
+                        line += f" {row['old']:>10.1f} {row['ratio']:>5.2f}x"
+                    elif old_tree is not None:
+                        line += f" {'-':>10} {'new':>6}"
+                    print(line, flush=True)
+                    rows.append(row)
+                finally:
+                    for worker in workers.values():
+                        worker.close()
+    return rows
+
+
+def reference_table(args: argparse.Namespace) -> list[dict]:
+    where = _where(args)
     print(f"CDL-Prompt student step, {args.pair[0]} -> {args.pair[1]}, batch {args.batch_size}, {where}, torch {torch.__version__}, "
           f"ours: {args.precision}{' + compile' if args.compile else ''}; median of {args.repeats} runs x {args.steps} steps")
     header = f"{'method':<11} {'ours img/s':>10} {'reference':>10} {'ratio':>6} {'cached':>8} {'ratio':>6}"

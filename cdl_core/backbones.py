@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cdl_core.attach import Attachment, BackboneOutput, Prefix
 from cdl_core.config import BackboneConfig
 from cdl_core.errors import ConfigError, WeightsUnavailableError
 from cdl_core.catalog.presets import PRESETS, BackbonePreset, get_preset, uses_demo_pretraining  # noqa: F401 (PRESETS re-exported)
@@ -23,14 +24,11 @@ from cdl_core.catalog.presets import weights_source_id as _weights_source_id
 
 log = logging.getLogger(__name__)
 
-Prefix = tuple[torch.Tensor, torch.Tensor]  # (key tokens, value tokens), each (B or 1, L, D)
-
-
 class FrozenViT(nn.Module):
-    """A frozen timm ViT whose blocks accept prefix prompts.
+    """A frozen timm ViT that applies what prompt and distillation methods attach (`cdl_core.attach`).
 
     `query` gives the [CLS] output of a prompt-free pass (the prompt-selection query); `forward` gives the
-    [CLS] output with prompts prepended to the keys/values of the listed layers.
+    outputs of a pass with an `Attachment` applied.
     """
 
     def __init__(self, vit: nn.Module, preset: BackbonePreset, weights: str, weights_sha256: str) -> None:
@@ -69,48 +67,68 @@ class FrozenViT(nn.Module):
 
     def enable_compile(self) -> None:
         """Run the passes through `torch.compile` (train.compile; opt-in, meant for GPUs)."""
-        self._compiled = torch.compile(self._cls_feature)
+        self._compiled = torch.compile(self._apply_attachment)
 
     def query(self, images: torch.Tensor) -> torch.Tensor:
         """[CLS] feature of the frozen, prompt-free pass, in float32. Computed under inference mode (no autograd
         bookkeeping at all) and copied out of it: prompt selection saves the query for its backward pass, which
         an inference tensor cannot be."""
         with torch.inference_mode():
-            feature = self(images)
+            feature = self(images).cls
         return feature.to(torch.float32, copy=True)
 
-    def forward(self, images: torch.Tensor, prefixes: dict[int, Prefix] | None = None) -> torch.Tensor:
-        """[CLS] output; `prefixes[layer]` are prepended to that layer's keys and values."""
-        return (self._compiled or self._cls_feature)(images, prefixes or {})
+    def forward(self, images: torch.Tensor, attachment: Attachment | None = None) -> BackboneOutput:
+        return (self._compiled or self._apply_attachment)(images, attachment or Attachment())
 
-    def _cls_feature(self, images: torch.Tensor, prefixes: dict[int, Prefix]) -> torch.Tensor:
+    def _apply_attachment(self, images: torch.Tensor, attachment: Attachment) -> BackboneOutput:
         vit = self.vit
         x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
+        extra = 0
+        if attachment.tokens is not None:  # after [CLS], no position embedding
+            extra = attachment.tokens.shape[1]
+            x = torch.cat((x[:, :1], attachment.tokens.expand(len(x), -1, -1).to(x.dtype), x[:, 1:]), dim=1)
+        read = 1 + extra  # [CLS] and the attached tokens: the outputs anything reads
         *blocks, last = vit.blocks
-        for index, block in enumerate(blocks):
-            x = x + block.drop_path1(block.ls1(prefix_attention(block.attn, block.norm1(x), prefixes.get(index))))
+        # Unless its output tokens are tapped, the last block computes only the rows read: it needs keys and values
+        # of every token, but queries, projection and MLP of those rows alone (token-wise LayerNorms and MLP make
+        # that exact).
+        full_last = len(blocks) in attachment.taps
+        taps = {}
+        for index, block in enumerate(vit.blocks if full_last else blocks):
+            attended = prefix_attention(block.attn, block.norm1(x), attachment.prefixes.get(index), attachment.cls_kv.get(index))
+            x = x + block.drop_path1(block.ls1(attended))
             x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-        # Only [CLS] is read: the last block needs keys and values of every token, but queries, projection
-        # and MLP of [CLS] alone (token-wise LayerNorms and MLP make that exact).
-        cls = x[:, :1]
-        attended = prefix_attention(last.attn, last.norm1(x), prefixes.get(len(blocks)), cls_only=True)
-        cls = cls + last.drop_path1(last.ls1(attended))
-        cls = cls + last.drop_path2(last.ls2(last.mlp(last.norm2(cls))))
-        return vit.norm(cls)[:, 0]
+            if index in attachment.taps:
+                taps[index] = x
+        if not full_last:
+            index = len(blocks)
+            attended = prefix_attention(last.attn, last.norm1(x), attachment.prefixes.get(index), attachment.cls_kv.get(index), query_rows=read)
+            x = x[:, :read] + last.drop_path1(last.ls1(attended))
+            x = x + last.drop_path2(last.ls2(last.mlp(last.norm2(x))))
+        out = vit.norm(x[:, :read])
+        return BackboneOutput(out[:, 0], out[:, 1:] if extra else None, taps)
 
 
-def prefix_attention(attn: nn.Module, x: torch.Tensor, prefix: Prefix | None, cls_only: bool = False) -> torch.Tensor:
-    """timm `Attention` via SDPA, with prefix key/value tokens prepended (queries unchanged). `cls_only`: the
-    output of the first token alone, its query projected alone."""
+def prefix_attention(
+    attn: nn.Module, x: torch.Tensor, prefix: Prefix | None, cls_kv: Prefix | None = None, query_rows: int | None = None,
+) -> torch.Tensor:
+    """timm `Attention` via SDPA, with prefix key/value tokens prepended (queries unchanged) and `cls_kv` added to
+    the first token's key and value. `query_rows`: the output of the first that many tokens alone, only their
+    queries projected."""
     batch, tokens, dim = x.shape
     heads, head_dim = attn.num_heads, attn.head_dim
     weight, bias = attn.qkv.weight, attn.qkv.bias
-    if cls_only:
-        q = F.linear(x[:, :1], weight[:dim], None if bias is None else bias[:dim]).reshape(batch, 1, heads, head_dim).transpose(1, 2)
+    if query_rows is not None:
+        rows = x[:, :query_rows]
+        q = F.linear(rows, weight[:dim], None if bias is None else bias[:dim]).reshape(batch, query_rows, heads, head_dim).transpose(1, 2)
         k, v = F.linear(x, weight[dim:], None if bias is None else bias[dim:]).reshape(batch, tokens, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
     else:
         q, k, v = attn.qkv(x).reshape(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
     q, k = attn.q_norm(q), attn.k_norm(k)
+    if cls_kv is not None:
+        add_k, add_v = (a.reshape(-1, heads, 1, head_dim) for a in cls_kv)
+        k = torch.cat((k[:, :, :1] + add_k, k[:, :, 1:]), dim=2)
+        v = torch.cat((v[:, :, :1] + add_v, v[:, :, 1:]), dim=2)
     if prefix is not None:
         prefix_k, prefix_v = (p.expand(batch, -1, -1).reshape(batch, -1, heads, head_dim).transpose(1, 2) for p in prefix)
         k = torch.cat((prefix_k, k), dim=2)

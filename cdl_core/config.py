@@ -125,6 +125,10 @@ class DistillConfig:
     # A KD head's share of the student's prediction. Protocol: "weighted" (1 - alpha) z_last + alpha z_kd
     # (official code); "mean" (z_last + z_kd) / 2 whatever alpha is.
     prediction: Literal["weighted", "mean"] | None = None
+    # Which merged copy of a frozen teacher's prompts (APT keeps one for evaluation) its signal to the student uses.
+    # Protocol: official "previous" (merged over the earlier tasks, zeros on the first: the official code merges after
+    # the student's phase); timm "current" (merged after this task, the teacher as it is evaluated).
+    teacher_merged_prompts: Literal["previous", "current"] | None = None
 
     def validate(self) -> None:
         fill_from_protocol(self, "distill", "official")
@@ -134,6 +138,7 @@ class DistillConfig:
         resolve_kd_params(self.method, self.params)
         _one_of("distill.schedule", self.schedule, ("sequential", "joint"))
         _one_of("distill.prediction", self.prediction, ("weighted", "mean"))
+        _one_of("distill.teacher_merged_prompts", self.teacher_merged_prompts, ("previous", "current"))
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"distill.alpha={self.alpha} must be in [0, 1]")
         if self.temperature <= 0:
@@ -240,8 +245,10 @@ class RunConfig:
             preset = get_preset(backbone.preset)
             prompt.check_against(n_tasks, preset.depth, f"the {role} {preset.name}")
         if self.teacher is not None:
-            resolve_kd_params(self.distill.method, self.distill.params).check_against(prompt, n_tasks)
+            kd = resolve_kd_params(self.distill.method, self.distill.params)
+            kd.check_against(prompt, n_tasks)
             student, teacher = get_preset(self.student.preset), get_preset(self.teacher.preset)
+            kd.check_backbones(student, teacher)
             for attr in ("image_size", "mean", "std"):
                 if getattr(teacher, attr) != getattr(student, attr):
                     raise ConfigError(

@@ -1,21 +1,38 @@
-"""A continual learner: frozen backbone + prompt method + linear head (+ a KD method's modules for students)."""
+"""A continual learner: frozen backbone + prompt method + classifier head (+ a KD method's modules for students).
+
+The model merges what its prompt method and KD method attach (`cdl_core.attach`) and hands the result to the
+backbone, which applies it in one place.
+"""
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from cdl_core.backbones import FrozenViT, Prefix
-from cdl_core.distill import KDMethod
+from cdl_core.attach import Attachment, ModelOutput
+from cdl_core.backbones import FrozenViT
+from cdl_core.distill import KDMethod, TeacherSignal
 from cdl_core.prompts import PromptMethod
 
 
-class ModelOutput(NamedTuple):
-    features: torch.Tensor  # [CLS] feature of the prompted pass
-    logits: torch.Tensor  # the `last` head over all classes of the stream
-    prompt_loss: torch.Tensor
-    prefixes: dict[int, Prefix]  # this model's own prompts (what a student maps from a teacher)
+class CosineHead(nn.Module):
+    """APT's classifier: LayerNorm on the feature (its affine parameters are not trained in the official code, so
+    it has none here), then the cosine with each normalised weight row, plus a bias."""
+
+    def __init__(self, dim: int, n_classes: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False)
+        self.linear = nn.Linear(dim, n_classes)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.norm(features) @ F.normalize(self.linear.weight, dim=1).T + self.linear.bias
+
+
+HEADS: dict[str, type[nn.Module]] = {"linear": nn.Linear, "cosine": CosineHead}
+
+
+def make_head(kind: str, dim: int, n_classes: int) -> nn.Module:
+    return HEADS[kind](dim, n_classes)
 
 
 class ContinualModel(nn.Module):
@@ -23,28 +40,27 @@ class ContinualModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.prompt = prompt
-        self.head = nn.Linear(backbone.embed_dim, n_classes)
+        self.head = make_head(prompt.head, backbone.embed_dim, n_classes)
         self.kd = kd
 
     def forward(
-        self, images: torch.Tensor, query: torch.Tensor, task_id: int, train: bool,
-        teacher_prompt_queries: dict[int, torch.Tensor] | None = None,
+        self, images: torch.Tensor, query: torch.Tensor | None, task_id: int, train: bool,
+        teacher: TeacherSignal | None = None, merged: str = "current", taps: frozenset[int] = frozenset(),
     ) -> ModelOutput:
-        own = self.prompt(query, task_id, train)
-        prefixes = dict(own.prefixes)
-        if self.kd is not None and teacher_prompt_queries is not None:
-            for layer, (key, value) in self.kd.extra_prefixes(teacher_prompt_queries).items():
-                if layer in prefixes:  # student's own prompt tokens, then the mapped teacher prompt tokens
-                    own_key, own_value = prefixes[layer]
-                    batch = len(images)
-                    key = torch.cat((own_key.expand(batch, -1, -1), key), dim=1)
-                    value = torch.cat((own_value.expand(batch, -1, -1), value), dim=1)
-                prefixes[layer] = (key, value)
-        features = self.backbone(images, prefixes)
-        return ModelOutput(features, self.head(features), own.loss, own.prefixes)
+        """`teacher`: the teacher's signal for this batch (what a student's KD method reads); `merged`: which merged
+        copy of its prompts an evaluation pass uses (`PromptMethod.forward`); `taps`: blocks whose outputs to return
+        beyond what the methods tap (a teacher's features for its student)."""
+        own = self.prompt(query, task_id, train, merged)
+        attachment = own.attachment
+        if self.kd is not None:
+            attachment = attachment.merge(self.kd.attachment(len(images), train, teacher), len(images))
+        if taps:
+            attachment = attachment.merge(Attachment(taps=taps), len(images))
+        out = self.backbone(images, attachment)
+        return ModelOutput(out.cls, self.head(out.cls), own.loss, own.attachment, out.tokens, out.taps)
 
     def predict(self, out: ModelOutput) -> torch.Tensor:
-        return self.kd.predict(out.features, out.logits) if self.kd is not None else out.logits
+        return self.kd.predict(out) if self.kd is not None else out.logits
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.named_parameters() if not name.startswith("backbone.")]

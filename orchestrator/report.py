@@ -6,7 +6,8 @@ test split (mean ± std over seeds, n shown) and the change against the no-teach
 and method. Each cell (a row, dataset and seed) is represented by its best completed trial, ranked by the
 sweep's validation metric as Optuna ranked them; pruned and failed trials are left out and counted.
 
-Also: `--compare paper` (the published numbers side by side; the paper's forgetting against CDL's),
+Also: `--compare paper` (the published numbers side by side, each with the board it is from: the current
+leaderboard where it has the cell, else the v1 board; the paper's forgetting against CDL's),
 `--parquet DIR` (runs and per-task metrics), `--plots DIR` (PNGs, also logged to the sweep's parent run) and
 `--configs DIR` (each cell's best config, which `python -m cdl_core.run --config FILE` reruns).
 """
@@ -118,14 +119,28 @@ def paper_table(trials: pd.DataFrame) -> pd.DataFrame:
     return table.assign(_order=order).sort_values(["student", "method", "dataset", "_order", "teacher", "kd"]).drop(columns="_order").reset_index(drop=True)
 
 
+# The published boards (orchestrator/paper_results.csv, source in its header), the current one first: a cell on both
+# is compared with the current board's number, a cell only the older board has with that one.
+PAPER_BOARDS = ("leaderboard-2026", "v1-2024-07")
+
+
 def load_paper() -> pd.DataFrame:
-    """The paper's published numbers shipped with the project (source named in the file's header)."""
+    """Every published number shipped with the project, one row per (board, row, dataset)."""
     with resources.as_file(resources.files("orchestrator") / "paper_results.csv") as path:
-        return pd.read_csv(path, comment="#")
+        return pd.read_csv(path, comment="#", keep_default_na=False, dtype={c: str for c in ["board", *ROW, "dataset"]})
+
+
+def paper_per_cell(paper: pd.DataFrame) -> pd.DataFrame:
+    """One published number per (row, dataset): the first board of PAPER_BOARDS that has it (column paper_board)."""
+    rank = paper["board"].map({board: i for i, board in enumerate(PAPER_BOARDS)})
+    if rank.isna().any():
+        raise ReportError(f"paper results name unknown boards {sorted(set(paper['board'][rank.isna()]))}; known: {', '.join(PAPER_BOARDS)}")
+    chosen = paper.assign(_rank=rank).sort_values("_rank", kind="stable").drop_duplicates(subset=[*ROW, "dataset"])
+    return chosen.drop(columns="_rank").rename(columns={"board": "paper_board"})
 
 
 def compare_with_paper(table: pd.DataFrame, paper: pd.DataFrame) -> pd.DataFrame:
-    merged = table.merge(paper, on=[*ROW, "dataset"], how="left")
+    merged = table.merge(paper_per_cell(paper), on=[*ROW, "dataset"], how="left")
     merged["acc_vs_paper"] = merged["acc_mean"] - merged["paper_acc"]
     # The paper's forgetting is the official code's printed definition: compared with CDL's, never Chaudhry's.
     merged["forgetting_vs_paper"] = merged["forgetting_cdl_mean"] - merged["paper_forgetting"]
@@ -153,7 +168,7 @@ def render(table: pd.DataFrame, fmt: str, compare: bool = False) -> str:
     datasets = sorted(table["dataset"].unique())
     header = ["teacher", "student", "method", "kd"]
     per_dataset = ["acc", "Δacc"] + [h for label in FORGETTINGS.values() for h in (f"forgetting ({label})", f"Δforg ({label})")]
-    per_dataset += ["paper acc/forg (CDL)", "vs paper"] if compare else []
+    per_dataset += ["paper acc/forg (CDL)", "paper board", "vs paper"] if compare else []
     header += [f"{d} {h}" for d in datasets for h in per_dataset] + ["pruned", "failed"]
     lines = []
     for key, group in table.groupby(ROW, sort=False):
@@ -170,7 +185,7 @@ def render(table: pd.DataFrame, fmt: str, compare: bool = False) -> str:
             if compare:
                 paper = "-" if pd.isna(r.paper_acc) else f"{r.paper_acc:.2f} / {r.paper_forgetting:.2f}"
                 vs = f"{_number(r.acc_vs_paper, '+.2f')} / {_number(r.forgetting_vs_paper, '+.2f')}"
-                cells += [paper, "" if pd.isna(r.paper_acc) else vs]
+                cells += [paper, "-" if pd.isna(r.paper_acc) else r.paper_board, "" if pd.isna(r.paper_acc) else vs]
         cells += [str(int(group["pruned"].sum())), str(int(group["failed"].sum()))]
         lines.append(cells)
     if fmt == "markdown":

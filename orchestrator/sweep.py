@@ -13,7 +13,7 @@ import os
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ class Plan:
     trials: dict[str, int]  # cell key -> trials
     teacher_keys: dict[str, str]  # cell key -> key of the stored teacher all its trials share
     own_teacher_trials: int  # trials that train a teacher of their own (joint schedule, or tuned teacher settings)
+    configs: dict[str, dict[str, Any]] = field(default_factory=dict)  # cell key -> run config, one draw of its tuned values
 
     @property
     def total_trials(self) -> int:
@@ -50,18 +51,19 @@ def make_plan(space: SweepSpace) -> Plan:
 
     cells = space.cells()
     trials = {c.key: space.trials_for(c) for c in cells}
-    keys, own = {}, 0
+    keys, own, configs = {}, 0, {}
     for cell in cells:
+        configs[cell.key] = space.run_config(cell, space.sample_overrides(cell, 0))
         if not cell.teacher:
             continue
         # The teacher key under two different tuned-value draws: equal unless tuning touches the teacher.
-        configs = [RunConfig.from_dict(space.run_config(cell, space.sample_overrides(cell, seed))) for seed in (0, 1)]
-        drawn = {teacher_key(cfg) for cfg in configs} if configs[0].distill.schedule == "sequential" else set()
+        draws = [RunConfig.from_dict(raw) for raw in (configs[cell.key], space.run_config(cell, space.sample_overrides(cell, 1)))]
+        drawn = {teacher_key(cfg) for cfg in draws} if draws[0].distill.schedule == "sequential" else set()
         if len(drawn) == 1:
             keys[cell.key] = drawn.pop()
         else:
             own += trials[cell.key]
-    return Plan(cells, trials, keys, own)
+    return Plan(cells, trials, keys, own, configs)
 
 
 def print_plan(space: SweepSpace, plan: Plan, teacher_store: str | None) -> None:
@@ -76,6 +78,9 @@ def print_plan(space: SweepSpace, plan: Plan, teacher_store: str | None) -> None
     print(f"{'cell':<64} {'trials':>6}  teacher key")
     for cell in plan.cells:
         print(f"{cell.key:<64} {plan.trials[cell.key]:>6}  {plan.teacher_keys.get(cell.key, 'own' if cell.teacher else '-')}")
+    from orchestrator.cost import estimate_lines
+
+    print("\n".join(["", *estimate_lines(space, plan, reuse=teacher_store is not None)]))
 
 
 def check_resources(space: SweepSpace, cluster: dict[str, float]) -> None:

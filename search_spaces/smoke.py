@@ -1,8 +1,9 @@
 """smoke: the whole product on a laptop — demo backbones on offline Fashion-MNIST, all three prompt methods,
-student alone / logit KD / CDL-Prompt, a few Optuna trials per KD cell. About 15 minutes on 2 CPU cores."""
+student alone / logit KD / D-CDL / CDL-Prompt, a few Optuna trials per KD cell. About 15 minutes on 2 CPU cores."""
 from orchestrator.space import SweepSpace
 
 MAPPING_COMPONENTS = {"coda": 100, "l2p": 30, "dualprompt": 10}  # M of each method (the mapping's pool)
+DEPTH = 6  # the demo backbones' blocks: D-CDL's KD prompts fit in layers 0..5
 
 
 def tune(trial, cell):
@@ -14,6 +15,9 @@ def tune(trial, cell):
     }
     if cell.kd == "cdl_prompt":
         overrides["distill.params.active_components"] = trial.suggest_int("active_components", 1, MAPPING_COMPONENTS[cell.method])
+    if cell.kd == "dcdl":
+        overrides["distill.params.layers"] = trial.suggest_int("kd_layers", 1, DEPTH)
+        overrides["distill.params.length"] = trial.suggest_int("kd_length", 2, 8, step=2)
     return overrides
 
 
@@ -22,7 +26,7 @@ SPACE = SweepSpace(
     description=__doc__,
     pairs=[("demo-t", "demo-s"), (None, "demo-s")],
     methods=["l2p", "dualprompt", "coda"],
-    kd_methods=["kd", "cdl_prompt"],
+    kd_methods=["kd", "dcdl", "cdl_prompt"],
     datasets=["fashion_mnist"],
     seeds=[0],
     tune=tune,

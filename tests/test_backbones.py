@@ -7,6 +7,7 @@ import torch
 import pytest
 from timm.layers import Attention
 
+from cdl_core.attach import Attachment
 from cdl_core.backbones import (
     PRESETS,
     FrozenViT,
@@ -65,8 +66,8 @@ def test_frozen_vit_without_prefixes_equals_timm_forward_features_cls():
     backbone = _demo_backbone()
     images = torch.randn(2, 3, 32, 32)
     expected = backbone.vit.forward_features(images)[:, 0]
-    torch.testing.assert_close(backbone(images), expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(backbone(images, {}), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(backbone(images).cls, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(backbone(images, Attachment()).cls, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(backbone.query(images), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -88,9 +89,9 @@ def test_frozen_vit_prefix_at_one_layer_equals_timm_blocks_with_reference_attent
         for later in vit.blocks[layer + 1 :]:
             x = later(x)
         expected = vit.norm(x)[:, 0]
-        got = backbone(images, {layer: prefix})
+        got = backbone(images, Attachment({layer: prefix})).cls
     assert torch.allclose(got, expected, atol=1e-5)
-    assert not torch.allclose(got, backbone(images), atol=1e-3)  # the prefix really changed something
+    assert not torch.allclose(got, backbone(images).cls, atol=1e-3)  # the prefix really changed something
 
 
 def test_frozen_vit_is_frozen_in_train_mode_and_passes_gradients_to_prefixes_only():
@@ -99,11 +100,66 @@ def test_frozen_vit_is_frozen_in_train_mode_and_passes_gradients_to_prefixes_onl
     assert not any(m.training for m in backbone.modules())
     assert not any(p.requires_grad for p in backbone.parameters())
     prefix = (torch.rand(1, 2, backbone.embed_dim, requires_grad=True), torch.rand(1, 2, backbone.embed_dim, requires_grad=True))
-    out = backbone(torch.randn(2, 3, 32, 32), {0: prefix})
+    out = backbone(torch.randn(2, 3, 32, 32), Attachment({0: prefix})).cls
     # weighted: a plain sum of a LayerNorm output (unit gain, zero bias) has zero gradient
     (out * torch.randn_like(out)).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in prefix)
     assert all(p.grad is None for p in backbone.parameters())
+
+
+def test_taps_return_timm_block_outputs_and_a_tapped_last_block_computes_every_token():
+    """Taps are each block's output tokens before the final norm, as timm's own blocks compute them; tapping the
+    last block leaves [CLS] unchanged (the fast [CLS]-only path and the full path agree)."""
+    backbone = _demo_backbone()
+    vit = backbone.vit
+    images = torch.randn(2, 3, 32, 32)
+    outputs = []
+    handles = [block.register_forward_hook(lambda module, args, out: outputs.append(out)) for block in vit.blocks]
+    with torch.no_grad():
+        expected_cls = vit.forward_features(images)[:, 0]
+        for handle in handles:
+            handle.remove()
+        fast = backbone(images, Attachment(taps=frozenset({1, 3})))
+        full = backbone(images, Attachment(taps=frozenset({backbone.depth - 1})))
+    assert set(fast.taps) == {1, 3} and set(full.taps) == {backbone.depth - 1}
+    for block in (1, 3):
+        torch.testing.assert_close(fast.taps[block], outputs[block], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(full.taps[backbone.depth - 1], outputs[-1], rtol=1e-5, atol=1e-5)
+    assert full.taps[backbone.depth - 1].shape == (2, backbone.preset.tokens, backbone.embed_dim)
+    for out in (fast, full):
+        torch.testing.assert_close(out.cls, expected_cls, rtol=1e-5, atol=1e-5)
+        assert out.tokens is None
+
+
+def test_attached_tokens_read_through_the_fast_last_block_equal_the_full_pass():
+    """Extra tokens are read after the final norm; the last block computing only [CLS] and them equals computing
+    every token (taps of the last block force the full path)."""
+    backbone = _demo_backbone()
+    images = torch.randn(2, 3, 32, 32)
+    tokens = torch.rand(1, 2, backbone.embed_dim)
+    with torch.no_grad():
+        fast = backbone(images, Attachment(tokens=tokens))
+        full = backbone(images, Attachment(tokens=tokens, taps=frozenset({backbone.depth - 1})))
+        plain = backbone(images)
+    assert fast.tokens.shape == (2, 2, backbone.embed_dim)
+    torch.testing.assert_close(fast.tokens, backbone.vit.norm(full.taps[backbone.depth - 1][:, 1:3]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast.cls, full.cls, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(fast.cls, plain.cls, atol=1e-4)  # [CLS] attends to the attached tokens
+
+
+def test_merged_attachments_concatenate_prefixes_and_tokens_and_sum_cls_additions():
+    d = 4
+    a = Attachment({0: (torch.ones(1, 2, d), torch.ones(1, 2, d))}, torch.zeros(1, 1, d), {1: (torch.ones(1, d), torch.ones(1, d))}, frozenset({2}))
+    b = Attachment({0: (torch.full((3, 1, d), 2.0), torch.full((3, 1, d), 2.0)), 4: (torch.ones(3, 1, d),) * 2},
+                   torch.ones(1, 1, d), {1: (torch.ones(1, d), 2 * torch.ones(1, d))}, frozenset({5}))
+    merged = a.merge(b, batch=3)
+    key, value = merged.prefixes[0]
+    assert key.shape == (3, 3, d) and torch.equal(key[:, :2], torch.ones(3, 2, d)) and torch.equal(key[:, 2:], torch.full((3, 1, d), 2.0))
+    assert set(merged.prefixes) == {0, 4}
+    assert merged.tokens.shape == (3, 2, d) and torch.equal(merged.tokens[:, 1], torch.ones(3, d)) and not merged.tokens[:, 0].any()
+    torch.testing.assert_close(merged.cls_kv[1][0], 2 * torch.ones(1, d))
+    torch.testing.assert_close(merged.cls_kv[1][1], 3 * torch.ones(1, d))
+    assert merged.taps == {2, 5}
 
 
 # -- weights -------------------------------------------------------------------------------------------------

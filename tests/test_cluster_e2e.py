@@ -79,11 +79,11 @@ def test_the_smoke_sweep_runs_across_two_nodes_and_mlflow_and_optuna_hold_everyt
     finish(sweep(cluster, tmp_path, "--space", str(space), "--name", "multinode"), tmp_path)
     minutes = (time.monotonic() - start) / 60
     rows = tune_rows(tmp_path / "ray_results" / "multinode")
-    assert len(rows) == 6 * 2 + 3
+    assert len(rows) == 9 * 2 + 3  # 9 KD cells (kd, dcdl, cdl_prompt x 3 methods) x 2 trials + 3 cells alone
     used = {row["node_id"] for trial in rows.values() for row in trial}
     assert len(used) == 2 and used <= cluster.node_ids, (used, cluster.node_ids)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    children = check_tracked_sweep(uri, "multinode", "multinode", n_tasks=5, expected_trials=15)
+    children = check_tracked_sweep(uri, "multinode", "multinode", n_tasks=5, expected_trials=21)
     assert {c.data.tags["node_id"] for c in children} == used
     check_optuna_matches_mlflow(f"sqlite:///{tmp_path / 'optuna.db'}", "multinode", MlflowClient(uri), children)
     print(f"multi-node smoke sweep: {minutes:.1f} min")

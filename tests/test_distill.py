@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from cdl_core.attach import Attachment, ModelOutput
 from cdl_core.config import BackboneConfig, ConfigError, DataConfig, DistillConfig, PromptConfig, RunConfig, TrainConfig
-from cdl_core.distill import KD_METHODS, KDContext, TaskClasses, build_kd_method
+from cdl_core.distill import KD_METHODS, KDContext, TaskClasses, TeacherSignal, build_kd_method
 from cdl_core.distill.cdl_prompt import CDLPrompt
 from cdl_core.distill.dkd import DecoupledKD
 from cdl_core.distill.kd import LogitKD
@@ -89,10 +91,19 @@ def ref_mapping(prefixes, keys, attention, components, active):
 
 def _ctx(n_classes=6, n_tasks=3, prompt_params=None, layers=(0, 1), student_dim=8, teacher_dim=12, method="coda"):
     return KDContext(
-        student_dim=student_dim, teacher_dim=teacher_dim, n_classes=n_classes, n_tasks=n_tasks,
-        prompt_method=method, prompt_params=prompt_params or CodaParams(pool_size=12, length=4),
-        teacher_prompt_layers=layers,
+        student_dim=student_dim, teacher_dim=teacher_dim, student_depth=6, teacher_depth=6, n_classes=n_classes,
+        n_tasks=n_tasks, prompt_method=method, prompt_params=prompt_params or CodaParams(pool_size=12, length=4),
+        teacher_prompt_layers=layers, make_head=lambda dim: nn.Linear(dim, n_classes),
     )
+
+
+def _out(features: torch.Tensor, logits: torch.Tensor) -> ModelOutput:
+    """A model output with these [CLS] features and head logits (no prompts, tokens or taps)."""
+    return ModelOutput(features, logits, torch.zeros(()), Attachment(), None, {})
+
+
+def _sig(teacher_logits: torch.Tensor | None) -> TeacherSignal | None:
+    return None if teacher_logits is None else TeacherSignal(teacher_logits)
 
 
 # -- prompt mapping --------------------------------------------------------------------------------------
@@ -238,16 +249,16 @@ def test_logit_kd_method_loss_is_ce_plus_kd_over_current_classes_only():
     feats = torch.randn(4, 8)
     cur = slice(2, 4)
     expected = (1 - alpha) * ref_ce(s[:, cur], TARGETS - 2) + alpha * ref_logit_kd(s[:, cur], t[:, cur], temperature)
-    torch.testing.assert_close(method.loss(feats, s, t, TARGETS, CLASSES), expected)
+    torch.testing.assert_close(method.loss(_out(feats, s), _sig(t), TARGETS, CLASSES), expected)
     # past/future logits of student or teacher do not enter at all
-    same = method.loss(feats, _perturb_outside_current(s, 1), _perturb_outside_current(t, 2), TARGETS, CLASSES)
+    same = method.loss(_out(feats, _perturb_outside_current(s, 1)), _sig(_perturb_outside_current(t, 2)), TARGETS, CLASSES)
     torch.testing.assert_close(same, expected)
     # ... while the teacher's current-class logits do (alpha = 1 isolates the KD term)
     pure_kd = build_kd_method(DistillConfig("kd", alpha=1.0, temperature=temperature), _ctx())
     t2 = t.clone()
     t2[:, 2] += 3.0
-    assert not torch.isclose(pure_kd.loss(feats, s, t, TARGETS, CLASSES), pure_kd.loss(feats, s, t2, TARGETS, CLASSES))
-    torch.testing.assert_close(pure_kd.loss(feats, s, t, TARGETS, CLASSES), ref_logit_kd(s[:, cur], t[:, cur], temperature))
+    assert not torch.isclose(pure_kd.loss(_out(feats, s), _sig(t), TARGETS, CLASSES), pure_kd.loss(_out(feats, s), _sig(t2), TARGETS, CLASSES))
+    torch.testing.assert_close(pure_kd.loss(_out(feats, s), _sig(t), TARGETS, CLASSES), ref_logit_kd(s[:, cur], t[:, cur], temperature))
 
 
 def test_cdl_prompt_loss_is_ce_on_last_plus_kd_on_kd_head_over_current_classes():
@@ -260,12 +271,12 @@ def test_cdl_prompt_loss_is_ce_on_last_plus_kd_on_kd_head_over_current_classes()
     kd_logits = feats @ w.T + b
     cur = slice(2, 4)
     expected = (1 - alpha) * ref_ce(s[:, cur], TARGETS - 2) + alpha * ref_logit_kd(kd_logits[:, cur], t[:, cur], temperature)
-    torch.testing.assert_close(method.loss(feats, s, t, TARGETS, CLASSES), expected)
+    torch.testing.assert_close(method.loss(_out(feats, s), _sig(t), TARGETS, CLASSES), expected)
     # past/future logits of `last` and teacher, and the kd head's past/future rows, do not matter
     with torch.no_grad():
         method.kd_head.weight[:2] += 3.0
         method.kd_head.bias[4:] -= 2.0
-    same = method.loss(feats, _perturb_outside_current(s, 1), _perturb_outside_current(t, 2), TARGETS, CLASSES)
+    same = method.loss(_out(feats, _perturb_outside_current(s, 1)), _sig(_perturb_outside_current(t, 2)), TARGETS, CLASSES)
     torch.testing.assert_close(same, expected)
 
 
@@ -278,8 +289,8 @@ def test_dkd_method_loss_uses_current_classes_targets_and_weights():
     cur = slice(2, 4)
     tckd, nckd = ref_dkd_terms(s[:, cur], t[:, cur], TARGETS - 2, temperature)
     expected = (1 - alpha) * ref_ce(s[:, cur], TARGETS - 2) + alpha * temperature**2 * (2.0 * tckd + 0.5 * nckd)
-    torch.testing.assert_close(method.loss(feats, s, t, TARGETS, CLASSES), expected)
-    same = method.loss(feats, _perturb_outside_current(s, 3), _perturb_outside_current(t, 4), TARGETS, CLASSES)
+    torch.testing.assert_close(method.loss(_out(feats, s), _sig(t), TARGETS, CLASSES), expected)
+    same = method.loss(_out(feats, _perturb_outside_current(s, 3)), _sig(_perturb_outside_current(t, 4)), TARGETS, CLASSES)
     torch.testing.assert_close(same, expected)
 
 
@@ -288,13 +299,13 @@ def test_dkd_default_weights_are_official_one_and_four():
     s, t = _logits(8)
     cur = slice(2, 4)
     tckd, nckd = ref_dkd_terms(s[:, cur], t[:, cur], TARGETS - 2, 2.0)
-    torch.testing.assert_close(method.loss(torch.zeros(4, 8), s, t, TARGETS, CLASSES), 4.0 * (1.0 * tckd + 4.0 * nckd))
+    torch.testing.assert_close(method.loss(_out(torch.zeros(4, 8), s), _sig(t), TARGETS, CLASSES), 4.0 * (1.0 * tckd + 4.0 * nckd))
 
 
 def test_none_method_loss_is_current_task_ce():
     method = build_kd_method(DistillConfig("none"), _ctx())
     s, _ = _logits(9)
-    torch.testing.assert_close(method.loss(torch.zeros(4, 8), s, None, TARGETS, CLASSES), ref_ce(s[:, 2:4], TARGETS - 2))
+    torch.testing.assert_close(method.loss(_out(torch.zeros(4, 8), s), _sig(None), TARGETS, CLASSES), ref_ce(s[:, 2:4], TARGETS - 2))
 
 
 # -- registry / config ------------------------------------------------------------------------------------
@@ -311,21 +322,21 @@ def test_one_config_field_selects_each_baseline(name, cls):
     assert RunConfig.from_dict(cfg.to_dict()).distill.method == name
 
 
-def test_registry_holds_exactly_the_four_methods():
-    assert set(KD_METHODS) == {"none", "kd", "dkd", "cdl_prompt"}
+def test_registry_holds_exactly_the_eight_methods():
+    assert set(KD_METHODS) == {"none", "kd", "dkd", "fitnets", "reviewkd", "deit", "dcdl", "cdl_prompt"}
 
 
 def test_unknown_distill_method_lists_valid_ones():
     with pytest.raises(ConfigError) as err:
-        DistillConfig(method="fitnets").validate()
-    for name in ("none", "kd", "dkd", "cdl_prompt", "fitnets"):
+        DistillConfig(method="fitnet").validate()
+    for name in ("none", "kd", "dkd", "cdl_prompt", "fitnets", "reviewkd", "deit", "dcdl"):
         assert name in str(err.value)
     with pytest.raises(ConfigError) as err:
-        build_kd_method(DistillConfig(method="fitnets"), _ctx())
-    for name in ("none", "kd", "dkd", "cdl_prompt"):
+        build_kd_method(DistillConfig(method="fitnet"), _ctx())
+    for name in ("none", "kd", "dkd", "cdl_prompt", "fitnets"):
         assert name in str(err.value)
     raw = RunConfig(data=DataConfig(name="synthetic")).to_dict()
-    raw["distill"]["method"] = "fitnets"
+    raw["distill"]["method"] = "fitnet"
     with pytest.raises(ConfigError, match="cdl_prompt"):
         RunConfig.from_dict(raw)
 
@@ -400,10 +411,10 @@ def test_cdl_prompt_prediction_is_mean_of_last_and_kd_last():
     method = build_kd_method(DistillConfig("cdl_prompt"), _ctx())
     feats, logits = torch.randn(3, 8), torch.randn(3, 6)
     kd_last = feats @ method.kd_head.weight.detach().T + method.kd_head.bias.detach()
-    torch.testing.assert_close(method.predict(feats, logits), (logits + kd_last) / 2)
+    torch.testing.assert_close(method.predict(_out(feats, logits)), (logits + kd_last) / 2)
     # the logit baselines predict with their single head
     for name in ("kd", "dkd", "none"):
-        torch.testing.assert_close(build_kd_method(DistillConfig(name), _ctx()).predict(feats, logits), logits)
+        torch.testing.assert_close(build_kd_method(DistillConfig(name), _ctx()).predict(_out(feats, logits)), logits)
 
 
 def _run_cfg(method="coda", kd="cdl_prompt"):
@@ -434,15 +445,17 @@ def test_student_prepends_mapped_prompts_at_every_teacher_prompt_layer(method, m
     captured = {}
     forward = run.student.backbone.forward
 
-    def spy(imgs, prefixes=None):
-        captured.update(prefixes or {})
-        return forward(imgs, prefixes)
+    def spy(imgs, attachment=None):
+        captured.update(attachment.prefixes if attachment else {})
+        return forward(imgs, attachment)
 
     monkeypatch.setattr(run.student.backbone, "forward", spy)
     with torch.no_grad():
-        student_q, teacher_q = run._queries(images)
-        teacher_prefixes = run.teacher(images, teacher_q, 0, train=False).prefixes
-        out = run.student(images, student_q, 0, train=False, teacher_prompt_queries=teacher_prompt_queries(teacher_prefixes, 4))
+        student_q, teacher_q = run.frozen.queries(images)
+        teacher_out = run.teacher(images, teacher_q, 0, train=False)
+        teacher_prefixes = teacher_out.prompts.prefixes
+        signal = TeacherSignal(teacher_out.logits, teacher_prompt_queries(teacher_prefixes, 4))
+        out = run.student(images, student_q, 0, train=False, teacher=signal)
         own = run.student.prompt(student_q, 0, False).prefixes
         mapped = map_prompts(run.student.kd.mapping, teacher_prefixes)
     d_s = run.student_backbone.embed_dim
@@ -470,10 +483,10 @@ def test_student_takes_mapped_prompts_at_teacher_layers_it_has_no_prompt_of_its_
     model = ContinualModel(backbone, prompt, 6, kd)
     captured = {}
     forward = backbone.forward
-    backbone.forward = lambda imgs, prefixes=None: captured.update(prefixes or {}) or forward(imgs, prefixes)
+    backbone.forward = lambda imgs, attachment=None: captured.update(attachment.prefixes if attachment else {}) or forward(imgs, attachment)
     images = torch.randn(2, 3, 32, 32)
     teacher_prefixes = {l: (torch.randn(2, 1, 16), torch.randn(2, 1, 16)) for l in (0, 3)}
-    model(images, backbone.query(images), 0, train=False, teacher_prompt_queries=teacher_prompt_queries(teacher_prefixes, 2))
+    model(images, backbone.query(images), 0, train=False, teacher=TeacherSignal(torch.zeros(2, 6), teacher_prompt_queries(teacher_prefixes, 2)))
     assert set(captured) == {0, 3}
     assert captured[0][0].shape == (2, 1 + 1, 64)  # own 1 key token + mapped L_m/2 = 1 (L_m = 2)
     torch.testing.assert_close(captured[3][0], map_prompts(kd.mapping, teacher_prefixes)[3][0])

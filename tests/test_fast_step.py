@@ -115,10 +115,10 @@ def test_precomputed_frozen_outputs_train_like_per_step_ones(monkeypatch, method
     def train(precompute: bool) -> tuple[ContinualRun, list]:
         run = ContinualRun(make_cfg(method, kd, teacher=teacher, epochs=3))
         if not precompute:
-            monkeypatch.setattr(run, "_precompute_frozen", lambda role, task: None)
+            monkeypatch.setattr(run.frozen, "precompute", lambda role, batches, t: None)
         calls = []
-        frozen_inputs = run.frozen_inputs
-        monkeypatch.setattr(run, "frozen_inputs", lambda role, images, t: calls.append(len(images)) or frozen_inputs(role, images, t))
+        frozen_inputs = run.frozen.inputs
+        monkeypatch.setattr(run.frozen, "inputs", lambda role, images, t: calls.append(len(images)) or frozen_inputs(role, images, t))
         run.run()
         return run, calls
 
@@ -139,7 +139,7 @@ def test_precomputed_frozen_outputs_train_like_per_step_ones(monkeypatch, method
 def test_no_precomputing_with_augmentation_or_a_single_epoch(monkeypatch):
     for cfg in (make_cfg(augment=True, epochs=2), make_cfg(augment=False, epochs=1)):
         run = ContinualRun(cfg)
-        monkeypatch.setattr(run, "_precompute_frozen", lambda role, task: pytest.fail("precomputed with changing inputs"))
+        monkeypatch.setattr(run.frozen, "precompute", lambda role, batches, t: pytest.fail("precomputed with changing inputs"))
         run.run_task()
 
 
@@ -147,7 +147,8 @@ def test_joint_schedule_precomputes_queries_only():
     """A jointly trained teacher changes every step: only the queries can be precomputed."""
     run = ContinualRun(make_cfg("coda", "cdl_prompt", schedule="joint"))
     started(run)
-    frozen = run._precompute_frozen("student", run.stream.tasks[0])
+    batches = (images for images, _ in run.trainer.loader(run.stream.tasks[0].train, 256, shuffle=False))
+    frozen = run.frozen.precompute("student", batches, 0)
     assert frozen.teacher is None and frozen.teacher_query is not None
     assert len(frozen.query) == len(run.stream.tasks[0].train)
     images, targets, classes = batch_of(run)

@@ -36,7 +36,7 @@ def space(**fields) -> SweepSpace:
     ({"pairs": [("vit_base_patch16_224", "demo-s")]}, "differ in input image_size (224 vs 32)"),
     ({"kd_methods": ["cdl_prompt"], "base": TINY | {"distill.params": {"active_components": 500}}},
      "active_components=500 exceeds components=100"),
-    ({"methods": ["none"], "kd_methods": ["cdl_prompt"]}, "maps the teacher's prompts, but prompt.method='none'"),
+    ({"methods": ["none"], "kd_methods": ["cdl_prompt"]}, "maps the teacher's prefix prompts, but prompt.method='none'"),
 ])
 def test_the_space_refuses_what_the_config_alone_decides_before_any_trial(fields, message):
     with pytest.raises(SpaceError) as err:

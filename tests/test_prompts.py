@@ -34,7 +34,7 @@ def build(method: str, params: dict | None = None, n_tasks: int = 10, embed: int
 
 
 def test_registry_holds_the_four_methods():
-    assert set(PROMPT_METHODS) == {"l2p", "dualprompt", "coda", "none"}
+    assert set(PROMPT_METHODS) == {"l2p", "dualprompt", "coda", "apt", "none"}
 
 
 # -- placement and token counts with the official defaults ---------------------------------------------------

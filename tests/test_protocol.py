@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from cdl_core import run as run_cli
 from cdl_core.backbones import create_backbone
@@ -15,7 +16,8 @@ from cdl_core.catalog.prompts import resolve_prompt_params
 from cdl_core.catalog.protocols import OFFICIAL, PROTOCOLS, TIMM
 from cdl_core.config import BackboneConfig, ConfigError, DataConfig, DistillConfig, RunConfig
 from cdl_core.data import build_stream
-from cdl_core.distill import KDContext, TaskClasses, build_kd_method
+from cdl_core.attach import Attachment, ModelOutput
+from cdl_core.distill import KDContext, TaskClasses, TeacherSignal, build_kd_method
 from cdl_core.errors import WeightsUnavailableError
 from cdl_core.learner import ContinualRun
 from cdl_core.lr_schedules import build_lr_schedule
@@ -54,7 +56,7 @@ def test_official_lr_of_each_epoch_is_the_official_formula(epochs):
 def test_the_learner_steps_the_official_schedule_by_default():
     cfg = RunConfig.from_dict({"data": TINY_SYNTHETIC, "student": {"weights": "random"}, "train": {"epochs": 4, "device": "cpu"}})
     run = ContinualRun(cfg)
-    optimizer, scheduler = run._optimizer(run.student)
+    optimizer, scheduler = run.trainer.optimizer(run.student)
     lrs = []
     for _ in range(4):
         lrs.append(optimizer.param_groups[0]["lr"])
@@ -82,13 +84,14 @@ def test_dkd_at_its_own_default_temperature_matches_a_hand_computation():
     cfg = DistillConfig(method="dkd")
     cfg.validate()
     assert cfg.temperature == 4.0  # the official code's fixed DKD temperature
-    ctx = KDContext(student_dim=4, teacher_dim=4, n_classes=6, n_tasks=2, prompt_method="none",
-                    prompt_params=resolve_prompt_params("none", {}), teacher_prompt_layers=())
+    ctx = KDContext(student_dim=4, teacher_dim=4, student_depth=6, teacher_depth=6, n_classes=6, n_tasks=2, prompt_method="none",
+                    prompt_params=resolve_prompt_params("none", {}), teacher_prompt_layers=(), make_head=lambda d: nn.Linear(d, 6))
     dkd = build_kd_method(cfg, ctx)
     student = torch.tensor([[9.0, 9.0, 9.0, 1.0, 2.0, 0.5], [9.0, 9.0, 9.0, -1.0, 0.0, 3.0]], dtype=torch.float64)
     teacher = torch.tensor([[0.0, 0.0, 0.0, 2.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.5, 0.5, -2.0]], dtype=torch.float64)
     targets = torch.tensor([3, 5])  # stream labels; task 2 holds classes 3..5 (past ones are masked out)
-    loss = dkd.loss(None, student, teacher, targets, TaskClasses(past=3, seen=6)).item()
+    out = ModelOutput(None, student, torch.zeros(()), Attachment(), None, {})
+    loss = dkd.loss(out, TeacherSignal(teacher), targets, TaskClasses(past=3, seen=6)).item()
 
     def softmax(values):
         exps = [math.exp(v) for v in values]
@@ -113,12 +116,14 @@ def test_dkd_at_its_own_default_temperature_matches_a_hand_computation():
 def test_the_student_prediction_weights_the_kd_head_by_alpha(prediction, share):
     cfg = DistillConfig(method="cdl_prompt", alpha=0.3, prediction=prediction)
     cfg.validate()
-    ctx = KDContext(student_dim=8, teacher_dim=16, n_classes=4, n_tasks=2, prompt_method="coda",
-                    prompt_params=resolve_prompt_params("coda", {"pool_size": 8}), teacher_prompt_layers=(0, 1, 2, 3, 4))
+    ctx = KDContext(student_dim=8, teacher_dim=16, student_depth=6, teacher_depth=6, n_classes=4, n_tasks=2, prompt_method="coda",
+                    prompt_params=resolve_prompt_params("coda", {"pool_size": 8}), teacher_prompt_layers=(0, 1, 2, 3, 4),
+                    make_head=lambda d: nn.Linear(d, 4))
     method = build_kd_method(cfg, ctx)
     features, logits = torch.randn(3, 8), torch.randn(3, 4)
     kd_logits = features @ method.kd_head.weight.T + method.kd_head.bias
-    assert torch.allclose(method.predict(features, logits), (1 - share) * logits + share * kd_logits, atol=1e-6)
+    out = ModelOutput(features, logits, torch.zeros(()), Attachment(), None, {})
+    assert torch.allclose(method.predict(out), (1 - share) * logits + share * kd_logits, atol=1e-6)
 
 
 @pytest.mark.parametrize("drop_last, steps", [(True, 2), (False, 3)])
@@ -128,8 +133,8 @@ def test_the_last_partial_batch_is_dropped_under_the_official_protocol(drop_last
                                "train": {"batch_size": 8, "drop_last": drop_last, "device": "cpu"}})
     run = ContinualRun(cfg)
     sizes = []
-    original = run.step
-    run.step = lambda role, images, *rest: sizes.append(len(images)) or original(role, images, *rest)
+    original = run.trainer.step
+    run.trainer.step = lambda role, images, *rest: sizes.append(len(images)) or original(role, images, *rest)
     run.run_task()
     assert len(run.stream.tasks[0].train) == 20 and len(sizes) == steps
     assert sizes == ([8, 8] if drop_last else [8, 8, 4])
@@ -155,7 +160,8 @@ def test_each_protocol_fills_only_the_fields_left_unset_and_the_config_records_t
     again = RunConfig.from_dict(cfg.to_dict())
     assert again.to_dict() == cfg.to_dict()  # the recorded config reproduces the run, whatever the defaults become
     differences = {k for k in TIMM.settings if TIMM.settings[k] != OFFICIAL.settings[k]}
-    assert differences == {"data.input_scaling", "data.val_fraction", "train.lr_schedule", "train.drop_last", "forgetting"}
+    assert differences == {"data.input_scaling", "data.val_fraction", "train.lr_schedule", "train.drop_last",
+                           "distill.teacher_merged_prompts", "forgetting"}
     with pytest.raises(ConfigError, match="protocol='paper' is not valid; choose one of: official, timm"):
         RunConfig.from_dict({"protocol": "paper"})
     assert set(PROTOCOLS) == {"official", "timm"}

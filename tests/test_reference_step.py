@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import subprocess
 import sys
 from pathlib import Path
 
@@ -60,13 +61,28 @@ def test_product_never_imports_bench_code():
 
 
 def test_step_benchmark_prints_both_rates_and_their_ratio(capsys):
-    rows = step_throughput.main(TINY + ["--methods", "dualprompt", "--no-memory"])
+    rows = step_throughput.main(TINY + ["--methods", "dualprompt", "--no-memory", "--table", "reference"])
     assert [row["method"] for row in rows] == ["dualprompt"]
     row = rows[0]
     assert row["ours"] > 0 and row["reference"] > 0 and row["ours_cached"] > 0
     assert row["ratio"] == pytest.approx(row["ours"] / row["reference"])  # one repeat: the median is that ratio
     out = capsys.readouterr().out
     assert "demo-t -> demo-s" in out and f"{row['ratio']:.2f}x" in out
+
+
+def test_methods_table_times_each_step_beside_a_revision_and_marks_the_new_ones(capsys):
+    """--against HEAD: the working tree's step beside the committed one's, each in its own process importing its own
+    tree (the worker checks which cdl_core it imported); a method the revision lacks is marked new."""
+    head_methods = subprocess.run(["git", "-C", str(ROOT), "show", "HEAD:cdl_core/distill/__init__.py"], capture_output=True, text=True).stdout
+    new = next((kd for kd in ("dcdl", "fitnets") if kd not in head_methods), None)
+    kds = ["kd"] + ([new] if new else [])
+    rows = step_throughput.main(TINY + ["--table", "methods", "--prompts", "l2p", "--kd-methods", *kds, "--against", "HEAD"])
+    assert [(row["prompt"], row["kd"]) for row in rows] == [("l2p", kd) for kd in kds]
+    assert rows[0]["ours"] > 0 and rows[0]["old"] > 0 and rows[0]["ratio"] == pytest.approx(rows[0]["ours"] / rows[0]["old"])
+    out = capsys.readouterr().out
+    assert f"{rows[0]['ratio']:.2f}x" in out
+    if new:
+        assert "old" not in rows[1] and "new" in out.splitlines()[-1]
 
 
 @pytest.mark.slow

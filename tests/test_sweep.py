@@ -61,51 +61,83 @@ def test_available_spaces_lists_the_shipped_space_modules():
     assert {"smoke", "full", "paper"} <= set(available_spaces())
 
 
-def test_smoke_space_loads_with_nine_cells_and_twenty_one_trials():
+def test_smoke_space_loads_with_twelve_cells_and_thirty_trials():
     space = load_space("smoke")
     assert space == smoke.SPACE
-    teacher_pairs = sum(1 for t, _ in space.pairs if t)
-    alone_pairs = len(space.pairs) - teacher_pairs
-    n_teacher = teacher_pairs * len(space.methods) * len(space.kd_methods) * len(space.datasets) * len(space.seeds)
-    n_alone = alone_pairs * len(space.methods) * len(space.datasets) * len(space.seeds)
-    assert (n_teacher, n_alone) == (6, 3)
+    # 1 teacher pair x 3 prompt methods x 3 KD methods (kd, dcdl, cdl_prompt); 1 student alone x 3 methods
+    n_teacher, n_alone = 1 * 3 * 3, 1 * 3
     cells = space.cells()
-    assert len(cells) == 9
-    assert sum(space.trials_for(c) for c in cells) == tuned_trials(space, n_teacher, n_alone) == 21
-    assert {c.kd for c in cells} == {"kd", "cdl_prompt", "none"}
+    assert len(cells) == n_teacher + n_alone == 12
+    assert sum(space.trials_for(c) for c in cells) == tuned_trials(space, n_teacher, n_alone) == 9 * 3 + 3 == 30
+    assert {c.kd for c in cells} == {"kd", "dcdl", "cdl_prompt", "none"}
     assert all(space.trials_for(c) == (1 if c.kd == "none" else 3) for c in cells)
+    dcdl = next(c for c in cells if c.kd == "dcdl")
+    for seed in range(20):  # D-CDL's KD prompts stay within the demo backbones' 6 blocks, at even lengths
+        drawn = space.sample_overrides(dcdl, seed)
+        assert {"distill.alpha", "distill.temperature", "distill.params.layers", "distill.params.length"} <= set(drawn)
+        assert 1 <= drawn["distill.params.layers"] <= 6 and drawn["distill.params.length"] in (2, 4, 6, 8)
 
 
-def test_full_space_covers_the_paper_pairs_all_methods_both_datasets_three_seeds_on_gpus():
+FULL_KD = ["kd", "dkd", "fitnets", "reviewkd", "deit", "dcdl", "cdl_prompt"]
+# What full tunes per KD method beyond alpha and temperature (APT cells tune the ema besides)
+FULL_TUNED = {"kd": set(), "deit": set(), "dkd": {"distill.params.non_target_weight"},
+              "fitnets": {"distill.params.feature_weight"}, "reviewkd": {"distill.params.feature_weight"},
+              "dcdl": {"distill.params.layers", "distill.params.length"},
+              "cdl_prompt": {"distill.params.active_components", "distill.params.length"}}
+
+
+def test_full_space_covers_every_method_both_datasets_three_seeds_on_gpus():
     space = load_space("full")
     L, B, S, T = full.L, full.B, full.S, full.T
-    assert {(L, B), (B, S), (B, T)} <= set(space.pairs)
-    assert {(None, B), (None, S), (None, T)} <= set(space.pairs)
-    assert set(space.methods) == {"l2p", "dualprompt", "coda"}
-    assert set(space.kd_methods) == {"kd", "dkd", "cdl_prompt"}
+    assert set(space.pairs) == {(L, B), (B, S), (B, T), (None, B), (None, S), (None, T)}
+    assert set(space.methods) == {"l2p", "dualprompt", "coda", "apt"} and set(space.kd_methods) == set(FULL_KD)
     assert set(space.datasets) == {"cifar100", "imagenet_r"} and list(space.seeds) == [0, 1, 2]
     assert space.gpus_per_trial >= 1
-    n_teacher = 3 * 3 * 3 * 2 * 3  # teacher pairs x methods x KD methods x datasets x seeds
-    n_alone = 3 * 3 * 2 * 3  # no-teacher pairs x methods x datasets x seeds
+    # teacher pairs x (3 prefix-prompt methods x 7 KD methods + APT x 6, no CDL-Prompt) x datasets x seeds
+    n_teacher = 3 * (3 * 7 + 6) * 2 * 3
+    n_alone = 3 * 4 * 2 * 3  # no-teacher pairs x methods x datasets x seeds
+    n_apt_alone = 3 * 1 * 2 * 3  # these tune APT's ema: 8 trials each
     cells = space.cells()
-    assert len(cells) == n_teacher + n_alone == 216
-    assert sum(space.trials_for(c) for c in cells) == tuned_trials(space, n_teacher, n_alone)
-    pairs = {(c.teacher, c.student) for c in cells}
-    assert pairs == {(L, B), (B, S), (B, T), (None, B), (None, S), (None, T)}
+    assert len(cells) == n_teacher + n_alone == 486 + 72 == 558
+    assert not [c for c in cells if c.method == "apt" and c.kd == "cdl_prompt"]
+    assert sum(space.trials_for(c) for c in cells) == (n_teacher + n_apt_alone) * 8 + (n_alone - n_apt_alone) == 4086
+    for cell in cells:
+        drawn = set(space.sample_overrides(cell))
+        expected = ({"distill.alpha", "distill.temperature"} | FULL_TUNED[cell.kd] if cell.kd != "none" else set())
+        expected |= {"prompt.params.ema"} if cell.method == "apt" else set()
+        expected |= {"train.batch_size"} if cell.teacher == L else set()
+        assert drawn == expected, cell.key
 
 
-def test_paper_space_has_one_untuned_trial_per_published_row_and_dataset():
+def published_cells(exclude_teachers_alone: bool = True) -> set[tuple]:
+    """The paper's cells from the shipped results CSV, read here with pandas (the space reads it with csv)."""
+    from orchestrator.report import load_paper
+
+    rows = load_paper()
+    cells = {(None if r.teacher == "none" else r.teacher, r.student, r.method, r.kd, r.dataset) for r in rows.itertuples()}
+    return {c for c in cells if not (exclude_teachers_alone and c[:2] == (None, paper.L))}
+
+
+def test_paper_space_is_exactly_the_published_cells_one_untuned_trial_each():
     space = load_space("paper")
     cells = space.cells()
-    assert len(paper.ROWS) == 8
-    assert {(c.teacher, c.student, c.method) for c in cells} == paper.ROWS
-    assert len(cells) == 8 * 2
-    assert all(space.trials_for(c) == 1 for c in cells)
-    assert all(c.kd == ("cdl_prompt" if c.teacher else "none") for c in cells)
-    large = next(c for c in cells if c.teacher == paper.L)
-    config = space.run_config(large, space.tune(None, large))
-    assert (config["distill"]["alpha"], config["distill"]["temperature"]) == (0.5, 2.0)
-    assert config["train"]["batch_size"] == 32  # the paper's batch for a ViT-L teacher
+    got = {(c.teacher, c.student, c.method, c.kd, c.dataset) for c in cells}
+    assert len(got) == len(cells) and all(c.seed == 0 for c in cells)
+    assert got == published_cells()
+    # the current board's 4 methods x 2 students x (alone + 6 KD methods) x 2 datasets, plus v1's CDL-Prompt rows
+    # (3 methods x 3 pairs x 2 datasets) and its ViT-Ti baselines (3 x 2); v1's ViT-B/S baselines are on both boards
+    assert len(cells) == 4 * 2 * 7 * 2 + 3 * 3 * 2 + 3 * 2 == 136
+    assert (None, paper.L) not in {(c.teacher, c.student) for c in cells}  # the v1 board's teachers alone: see paper.py
+    assert len(published_cells(exclude_teachers_alone=False)) == 136 + 3 * 2
+    assert all(space.trials_for(c) == 1 for c in cells) and space.pruner == "none" and space.metric == "test_avg_acc"
+    for cell in cells:
+        config = space.run_config(cell, space.tune(None, cell))
+        assert config["train"]["batch_size"] == (32 if cell.teacher == paper.L else 64), cell.key  # the paper's batches
+        assert config["train"]["epochs"] == {"cifar100": 20, "imagenet_r": 35}[cell.dataset]
+        assert config["distill"]["alpha"] == 0.5 and config["distill"]["params"] == {} and config["prompt"]["params"] == {}
+        assert config["data"]["val_fraction"] == 0.0
+    dkd = next(c for c in cells if c.kd == "dkd")
+    assert space.run_config(dkd)["distill"]["temperature"] == 4.0  # each method's own default temperature
 
 
 # -- malformed spaces --------------------------------------------------------------------------------------------
@@ -256,7 +288,7 @@ def dry_run_numbers(out: str) -> dict[str, float]:
             "used": "with" if re.search(r"^teacher trainings with reuse:.*<- this sweep", out, flags=re.M) else "without"}
 
 
-@pytest.mark.parametrize("name", ["smoke", "full"])
+@pytest.mark.parametrize("name", ["smoke", "full", "paper"])
 def test_dry_run_prints_the_plan_without_starting_ray(name, capsys):
     import ray
 
@@ -264,24 +296,29 @@ def test_dry_run_prints_the_plan_without_starting_ray(name, capsys):
     assert not ray.is_initialized()
     got = dry_run_numbers(capsys.readouterr().out)
     space = load_space(name)
-    n_seeds, n_data = len(space.seeds), len(space.datasets)
-    teacher_pairs = [p for p in space.pairs if p[0]]
-    n_teacher_cells = len(teacher_pairs) * len(space.methods) * len(space.kd_methods) * n_data * n_seeds
-    n_alone_cells = (len(space.pairs) - len(teacher_pairs)) * len(space.methods) * n_data * n_seeds
+    # A teacher depends on (teacher, student, method, dataset, seed), not on the KD method; APT's tuned ema (full) is
+    # the teacher's too, so those trials each train their own.
     expected = {
-        "smoke": dict(cells=9, trials=21, cpu=1, gpu=0, teacher_trainings=6 * 3, distinct_teachers=3),
-        # a teacher depends on (teacher, student, method, dataset, seed), not on the KD method
-        "full": dict(cells=216, trials=n_teacher_cells * 8 + n_alone_cells, cpu=4, gpu=1,
-                     teacher_trainings=n_teacher_cells * 8, distinct_teachers=3 * 3 * 2 * 3),
+        # 9 KD cells x 3 trials + 3 cells alone; a teacher per prompt method
+        "smoke": dict(cells=12, trials=30, cpu=1, gpu=0, teacher_trainings=9 * 3, distinct_teachers=3, own=0),
+        # 486 KD cells x 8 trials; 18 APT cells alone x 8, 54 other cells alone x 1; shared teachers: 3 pairs x 3
+        # methods x 2 datasets x 3 seeds, and the 108 APT KD cells' 8 trials each train their own
+        "full": dict(cells=558, trials=486 * 8 + 18 * 8 + 54, cpu=4, gpu=1, teacher_trainings=486 * 8,
+                     distinct_teachers=3 * 3 * 2 * 3 + 108 * 8, own=108),
+        # 96 + 18 KD cells and 22 cells alone, one trial each; teachers: B->S and L->B x 4 methods x 2 datasets,
+        # B->Ti x 3 x 2
+        "paper": dict(cells=136, trials=136, cpu=4, gpu=1, teacher_trainings=96 + 18, distinct_teachers=8 + 8 + 6, own=0),
     }[name]
-    assert (n_teacher_cells + n_alone_cells) == expected["cells"]
-    assert {k: got[k] for k in expected} == expected
+    assert {k: got[k] for k in expected if k != "own"} == {k: v for k, v in expected.items() if k != "own"}
     assert len(got["rows"]) == expected["cells"] and sum(got["rows"].values()) == expected["trials"]
     for key, trials in got["rows"].items():
-        assert trials == (1 if ".none." in key else space.trials_per_cell), key
+        tuned = ".none." not in key or (name == "full" and ".apt." in key)
+        assert trials == (space.trials_per_cell if tuned else 1), key
     # cells share a teacher key exactly when they differ only in the KD method
-    keys = {cell: key for cell, key in got["keys"].items() if key != "-"}
-    assert len(keys) == n_teacher_cells and len(set(keys.values())) == expected["distinct_teachers"]
+    keys = {cell: key for cell, key in got["keys"].items() if key not in ("-", "own")}
+    own = [cell for cell, key in got["keys"].items() if key == "own"]
+    assert len(own) == expected["own"] and all(".apt." in cell for cell in own)
+    assert len(set(keys.values())) == expected["distinct_teachers"] - expected["own"] * space.trials_per_cell
     for cell, key in keys.items():
         for other, other_key in keys.items():
             same_teacher = cell.split(".")[:2] + cell.split(".")[3:] == other.split(".")[:2] + other.split(".")[3:]
@@ -293,7 +330,7 @@ def test_dry_run_prints_the_plan_without_starting_ray(name, capsys):
 def test_dry_run_without_teacher_reuse_marks_the_per_trial_count_as_used(capsys):
     assert main(["--space", "smoke", "--dry-run", "--no-teacher-reuse"]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"^teacher trainings without reuse:\s+18 .*<- this sweep$", out, flags=re.M), out
+    assert re.search(r"^teacher trainings without reuse:\s+27 .*<- this sweep$", out, flags=re.M), out
     assert re.search(r"^teacher trainings with reuse:\s+3 [^<]*$", out, flags=re.M), out
 
 

@@ -249,14 +249,14 @@ def test_a_smoke_sweep_never_holds_more_than_one_copy_of_a_teacher_in_a_trial_pr
     from orchestrator.space import load_space
     from sweep_checks import tune_rows
 
-    trials_per_cell = 1  # each teacher still serves two cells (kd, cdl_prompt): one trial trains it, one loads it
+    trials_per_cell = 1  # each teacher still serves three cells (kd, dcdl, cdl_prompt): one trial trains it, two load it
     space_path = tmp_path / "smoke_teacher_copies.py"
     space_path.write_text(SPACE_FILE.format(trials=trials_per_cell, shrink=SHRINK))
     monkeypatch.syspath_prepend(str(ROOT))
     smoke, space = load_space("smoke"), load_space(str(space_path))
     cells = space.cells()
     assert [c.key for c in cells] == [c.key for c in smoke.cells() if c.teacher]  # the smoke space's own cells
-    assert {c.method for c in cells} == {"l2p", "dualprompt", "coda"} and {c.kd for c in cells} == {"kd", "cdl_prompt"}
+    assert {c.method for c in cells} == {"l2p", "dualprompt", "coda"} and {c.kd for c in cells} == {"kd", "dcdl", "cdl_prompt"}
     assert all(space.trials_for(c) == trials_per_cell for c in cells)
     n_tasks = RunConfig.from_dict(space.run_config(cells[0])).data.n_tasks or 5
     teachers = {c.teacher for c in cells}

@@ -35,6 +35,7 @@ import torch
 import cdl_core.teacher_identity
 from cdl_core.backbones import create_backbone
 from cdl_core.config import BackboneConfig, ConfigError, DataConfig, DistillConfig, PromptConfig, RunConfig, TrainConfig
+from cdl_core.training import PhaseTrainer
 from cdl_core.learner import ContinualRun, teacher_identity, teacher_key
 from cdl_core.teacher_store import TEMP_PREFIX, TeacherEntry, TeacherStore, TeacherStoreError, content_key
 from orchestrator import teachers as teachers_cli
@@ -565,13 +566,13 @@ def test_a_store_on_another_pyarrow_filesystem_stores_and_serves_the_teacher(kin
     if kind == "file-uri":
         assert file_names(tmp_path / "uri-store" / reference.key) == file_names(reference.store / reference.key)
 
-    train = ContinualRun._train_phase
+    train = PhaseTrainer.train_phase
 
     def no_teacher_training(self, role, task):
         assert role != "teacher", "the teacher was trained although it is stored"
         return train(self, role, task)
 
-    monkeypatch.setattr(ContinualRun, "_train_phase", no_teacher_training)
+    monkeypatch.setattr(PhaseTrainer, "train_phase", no_teacher_training)
     again = store if kind == "memory" else f"file://{tmp_path}/uri-store"  # by URI string too
     trained, matrices = run_all(seeded_run(make_cfg(), teacher_store=again, require_teacher=True))
     assert trained == [False, False] and matrices == reference.matrices

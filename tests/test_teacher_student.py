@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from cdl_core import run as cli
 from cdl_core.config import BackboneConfig, ConfigError, DataConfig, DistillConfig, PromptConfig, RunConfig, TrainConfig
 from cdl_core.distill import TaskClasses
+from cdl_core.training import PhaseTrainer
 from cdl_core.learner import ContinualRun, teacher_identity, teacher_key
 from cdl_core.teacher_store import TeacherStore, TeacherStoreError
 
@@ -86,7 +87,7 @@ def test_student_step_gradients_reach_only_student_prompts_heads_and_mapping(kd)
             for layer in run.teacher.prompt.layers:
                 assert store[str(layer)].grad[: mapping.active].abs().sum() > 0, f"mapping layer {layer}"
 
-    optimizer, _ = run._optimizer(run.student)
+    optimizer, _ = run.trainer.optimizer(run.student)
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert in_optimizer.isdisjoint(id(p) for p in run.teacher.parameters())
     assert in_optimizer.isdisjoint(id(p) for p in run.student.backbone.parameters())
@@ -102,7 +103,7 @@ def test_student_training_phase_leaves_teacher_and_backbones_unchanged():
     run = ContinualRun(make_cfg("coda", "cdl_prompt"))
     run.teacher.prompt.begin_task(0)
     teacher_before, student_before = snapshot(run.teacher), snapshot(run.student)
-    run._train_phase("student", run.stream.tasks[0])
+    run.trainer.train_phase("student", run.stream.tasks[0])
     assert changed(teacher_before, run.teacher) == set()
     moved = changed(student_before, run.student)
     assert not any(k.startswith("backbone.") for k in moved)
@@ -128,7 +129,7 @@ def test_joint_schedule_trains_teacher_but_not_from_student_loss():
 
     run = ContinualRun(make_cfg("coda", "cdl_prompt", schedule="joint"))
     teacher_before, student_before = snapshot(run.teacher), snapshot(run.student)
-    run._train_phase("student", run.stream.tasks[0])  # the joint phase steps both
+    run.trainer.train_phase("student", run.stream.tasks[0])  # the joint phase steps both
     teacher_moved = changed(teacher_before, run.teacher)
     assert any(k.startswith("prompt.") for k in teacher_moved) and any(k.startswith("head.") for k in teacher_moved)
     assert not any(k.startswith("backbone.") for k in teacher_moved)
@@ -215,14 +216,14 @@ def stored_teacher(tmp_path_factory):
 
 
 def forbid_teacher_training(monkeypatch):
-    train_phase = ContinualRun._train_phase
+    train_phase = PhaseTrainer.train_phase
 
     def guarded(self, role, task):
         if role == "teacher":
             raise AssertionError("the teacher was trained although it is stored")
         return train_phase(self, role, task)
 
-    monkeypatch.setattr(ContinualRun, "_train_phase", guarded)
+    monkeypatch.setattr(PhaseTrainer, "train_phase", guarded)
 
 
 def test_a_teacher_run_stores_each_task_under_the_teacher_key(stored_teacher):

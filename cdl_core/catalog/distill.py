@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from cdl_core.catalog.params import resolve_method_params
+from cdl_core.catalog.params import even_length, resolve_method_params
+from cdl_core.catalog.presets import BackbonePreset
 from cdl_core.catalog.prompts import PromptParams
 from cdl_core.errors import ConfigError
 
@@ -24,6 +25,17 @@ class KDParams:
 
     def check_against(self, prompt: PromptParams, n_tasks: int) -> None:
         """What the prompt method and the task count decide; raise ConfigError."""
+
+    def check_backbones(self, student: BackbonePreset, teacher: BackbonePreset) -> None:
+        """What the two backbones' shapes decide; raise ConfigError."""
+
+
+def _same_tokens(method: str, student: BackbonePreset, teacher: BackbonePreset) -> None:
+    """Feature distillation compares block outputs token by token: both backbones need the same patch grid."""
+    if student.tokens != teacher.tokens:
+        raise ConfigError(f"distill.method={method!r} compares block outputs token by token, but the student {student.name} "
+                          f"has {student.tokens} tokens and the teacher {teacher.name} {teacher.tokens}; pick presets with the "
+                          "same image and patch size")
 
 
 @dataclass(frozen=True)
@@ -70,14 +82,78 @@ class CDLPromptParams(KDParams):
 
     def check_against(self, prompt: PromptParams, n_tasks: int) -> None:
         if not prompt.prompted_layers:
-            raise ConfigError(f"distill.method={self.method!r} maps the teacher's prompts, but prompt.method={prompt.method!r} "
+            raise ConfigError(f"distill.method={self.method!r} maps the teacher's prefix prompts, but prompt.method={prompt.method!r} "
                               "has none; choose l2p, dualprompt or coda")
         sizes = self.resolved(prompt, n_tasks)
         if sizes["active_components"] > sizes["components"]:
             raise ConfigError(f"{SECTION}.active_components={sizes['active_components']} exceeds components={sizes['components']}")
 
 
-KD_PARAMS: dict[str, type[KDParams]] = {cls.method: cls for cls in (NoKDParams, LogitKDParams, DKDParams, CDLPromptParams)}
+@dataclass(frozen=True)
+class DCDLParams(KDParams):
+    """D-CDL (decoupled prompting, KDP in arXiv v3): a KD token at layer 0 and KD prefixes at layers 1..layers-1."""
+
+    method: ClassVar[str] = "dcdl"
+    layers: int = 12  # KD prompts at layers 0..layers-1 (official `12 6`), capped at the student's depth
+    length: int = 6  # tokens of each KD prefix: length/2 key + length/2 value tokens
+
+    def check(self) -> None:
+        if self.layers < 1:
+            raise ConfigError(f"{SECTION}.layers={self.layers} must be at least 1 (layer 0 holds the KD token)")
+        even_length(SECTION, "length", self.length)
+
+
+@dataclass(frozen=True)
+class DeiTParams(KDParams):
+    """A DeiT-style distillation token: one zero-initialised token in the sequence, read by the KD head."""
+
+    method: ClassVar[str] = "deit"
+
+
+@dataclass(frozen=True)
+class FitNetsParams(KDParams):
+    """FitNets hints on the last block's tokens plus logit KD."""
+
+    method: ClassVar[str] = "fitnets"
+    # Official code 0.1; its published runs (2 GPUs, DataParallel) summed the loss of both replicas: about 0.2.
+    feature_weight: float = 0.1
+
+    def check_backbones(self, student: BackbonePreset, teacher: BackbonePreset) -> None:
+        _same_tokens(self.method, student, teacher)
+
+
+@dataclass(frozen=True)
+class ReviewKDParams(KDParams):
+    """ReviewKD's attention-based fusion chain over the student's blocks against the teacher's last blocks."""
+
+    method: ClassVar[str] = "reviewkd"
+    # Official code 0.2; its published runs (2 GPUs, DataParallel) summed the loss of both replicas: about 0.4.
+    feature_weight: float = 0.2
+    blocks: int | None = None  # n: the student's last n blocks against the teacher's last n; None: the student's depth
+
+    def check(self) -> None:
+        if self.blocks is not None and self.blocks < 1:
+            raise ConfigError(f"{SECTION}.blocks={self.blocks} must be at least 1")
+
+    def n_blocks(self, student_depth: int) -> int:
+        return self.blocks or student_depth
+
+    def check_backbones(self, student: BackbonePreset, teacher: BackbonePreset) -> None:
+        n = self.n_blocks(student.depth)
+        if n > student.depth:
+            raise ConfigError(f"{SECTION}.blocks={n} exceeds the student {student.name}'s {student.depth} blocks; "
+                              f"use at most {student.depth}")
+        if n > teacher.depth:
+            raise ConfigError(f"distill.method='reviewkd' matches the student's last {n} blocks with the teacher's, but the "
+                              f"teacher {teacher.name} has only {teacher.depth}; set {SECTION}.blocks <= {teacher.depth} "
+                              "or pick a deeper teacher")
+        _same_tokens(self.method, student, teacher)
+
+
+KD_PARAMS: dict[str, type[KDParams]] = {
+    cls.method: cls
+    for cls in (NoKDParams, LogitKDParams, DKDParams, FitNetsParams, ReviewKDParams, DeiTParams, DCDLParams, CDLPromptParams)
+}
 
 
 def resolve_kd_params(method: str, overrides: dict[str, Any]) -> KDParams:

@@ -29,10 +29,16 @@ class BackbonePreset:
     depth: int
     num_heads: int
     image_size: int
+    patch_size: int = 16
     mean: tuple[float, float, float] = IMAGENET_INCEPTION
     std: tuple[float, float, float] = IMAGENET_INCEPTION
     pretrained_tag: str | None = None  # hub presets: the timm pretrained tag loaded by weights='default'
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model beyond its defaults
+
+    @property
+    def tokens(self) -> int:
+        """Sequence length of a prompt-free pass: the patches and [CLS]."""
+        return (self.image_size // self.patch_size) ** 2 + 1
 
     def hub_model(self, tag: str | None = None) -> str:
         """timm's `architecture.tag` name of the hub weights with `tag` (None: the preset's own)."""
@@ -73,9 +79,9 @@ for _size, _dim, _depth, _heads, _tag in (
 # both input scalings feed them what they were pretrained on.
 _DEMO = dict(img_size=32, patch_size=4, depth=6)
 _UNIT = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-register_preset(BackbonePreset("demo-t", "vit_tiny_patch16_224", "demo_pretrain", 128, 6, 4, 32, **_UNIT,
+register_preset(BackbonePreset("demo-t", "vit_tiny_patch16_224", "demo_pretrain", 128, 6, 4, 32, 4, **_UNIT,
                                model_kwargs=dict(_DEMO, embed_dim=128, num_heads=4)))
-register_preset(BackbonePreset("demo-s", "vit_tiny_patch16_224", "demo_pretrain", 64, 6, 2, 32, **_UNIT,
+register_preset(BackbonePreset("demo-s", "vit_tiny_patch16_224", "demo_pretrain", 64, 6, 2, 32, 4, **_UNIT,
                                model_kwargs=dict(_DEMO, embed_dim=64, num_heads=2)))
 
 

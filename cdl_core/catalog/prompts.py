@@ -15,6 +15,7 @@ class PromptParams:
     """Base of each method's frozen Params dataclass."""
 
     method: ClassVar[str]
+    uses_query: ClassVar[bool] = True  # selects prompts with the frozen query pass's [CLS] feature
 
     @property
     def prompted_layers(self) -> tuple[int, ...]:
@@ -92,11 +93,29 @@ class CodaParams(PromptParams):
 
 
 @dataclass(frozen=True)
+class APTParams(PromptParams):
+    """Additive prompt tuning: a key and a value row per layer added to the [CLS] token's; no pool, no query."""
+
+    method: ClassVar[str] = "apt"
+    uses_query: ClassVar[bool] = False
+    # Evaluation uses a merged copy G of the rows: G = rows after task 1, then G = ema * G + (1 - ema) * rows.
+    # Official scripts 0.7 (the code's default is 0.5).
+    ema: float = 0.7
+
+    def check(self) -> None:
+        if not 0.0 <= self.ema <= 1.0:
+            raise ConfigError(f"{SECTION}.ema={self.ema} must be in [0, 1]")
+
+
+@dataclass(frozen=True)
 class NoPromptParams(PromptParams):
     method: ClassVar[str] = "none"
+    uses_query: ClassVar[bool] = False
 
 
-PROMPT_PARAMS: dict[str, type[PromptParams]] = {cls.method: cls for cls in (L2PParams, DualPromptParams, CodaParams, NoPromptParams)}
+PROMPT_PARAMS: dict[str, type[PromptParams]] = {
+    cls.method: cls for cls in (L2PParams, DualPromptParams, CodaParams, APTParams, NoPromptParams)
+}
 
 
 def resolve_prompt_params(method: str, overrides: dict[str, Any]) -> PromptParams:

@@ -25,6 +25,9 @@ OFFICIAL = Protocol("official", "as the official CDL code computes it", {
     "train.lr_schedule": "official_cosine",  # lr * cos(99 pi max(e-1, 0) / (200 (K-1)))
     "train.drop_last": True,  # training loaders drop the last partial batch
     "distill.prediction": "weighted",  # (1 - a) z_last + a z_kd
+    # A frozen APT teacher's signal uses the copy of its prompts merged over the earlier tasks (zeros on the first):
+    # the official code merges after the student's phase and queries the teacher in eval mode.
+    "distill.teacher_merged_prompts": "previous",
     "forgetting": "cdl",  # mean over all T tasks of R[j][j] - R[T][j], as the official trainer prints it
 })
 
@@ -34,6 +37,7 @@ TIMM = Protocol("timm", "what timm's ViTs and torch's schedulers assume", OFFICI
     "data.val_fraction": 0.1,  # a validation split carved from each task's training images
     "train.lr_schedule": "cosine",  # torch's CosineAnnealingLR over the task's epochs
     "train.drop_last": False,  # every training image every epoch
+    "distill.teacher_merged_prompts": "current",  # the teacher's merged prompts after this task, as it is evaluated
     "forgetting": "chaudhry",  # mean over j < T of max_{l<T} R[l][j] - R[T][j] (Chaudhry et al., 2018)
 })
 

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, NamedTuple
 
 import torch
 from torch import nn
 
-from cdl_core.backbones import Prefix
+from cdl_core.attach import Attachment, ModelOutput
 from cdl_core.catalog.distill import KDParams, resolve_kd_params
 from cdl_core.config import DistillConfig
 from cdl_core.errors import ConfigError
@@ -19,11 +19,14 @@ class KDContext:
 
     student_dim: int
     teacher_dim: int
+    student_depth: int
+    teacher_depth: int
     n_classes: int
     n_tasks: int
     prompt_method: str
     prompt_params: Any  # the resolved prompt-method params dataclass
     teacher_prompt_layers: tuple[int, ...]
+    make_head: Callable[[int], nn.Module]  # a classifier of the model's kind (linear; cosine under APT) from a width
 
 
 @dataclass(frozen=True)
@@ -34,12 +37,20 @@ class TaskClasses:
     seen: int
 
 
+class TeacherSignal(NamedTuple):
+    """What a student step takes from its teacher for a batch. Detached: nothing flows back into the teacher."""
+
+    logits: torch.Tensor
+    prompt_queries: dict[int, torch.Tensor] | None = None  # per-layer means of its prompts (prompt mapping)
+    taps: dict[int, torch.Tensor] | None = None  # teacher block -> its output tokens (feature distillation)
+
+
 class KDMethod(nn.Module):
     """Distillation from a frozen (or jointly trained) teacher into the student.
 
-    The student calls `extra_prefixes` to get prompts derived from the teacher's (given as their per-layer
-    `teacher_prompt_queries`, which is all a mapping needs and what a step can cache), `predict` to turn its
-    features/head logits into predictions, and `loss` for its training loss (without the prompt loss).
+    The student's model calls `attachment` for what the method attaches to the student's backbone (prefixes,
+    tokens, taps; `cdl_core.attach`), `predict` to turn its output into predictions, and `loss` for its training
+    loss (without the prompt loss). `teacher_taps` names the teacher blocks whose outputs `loss` reads.
     """
 
     name: ClassVar[str]
@@ -55,17 +66,27 @@ class KDMethod(nn.Module):
     def resolve_params(cls, overrides: dict[str, Any]) -> KDParams:
         return resolve_kd_params(cls.name, overrides)
 
-    def extra_prefixes(self, teacher_prompt_queries: dict[int, torch.Tensor]) -> dict[int, Prefix]:
-        return {}
+    @property
+    def needs_teacher_at_eval(self) -> bool:
+        """Whether predictions need the teacher (CDL-Prompt's mapping); the others evaluate with one student pass."""
+        return self.params.needs_teacher_prompts
 
-    def predict(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        return logits
+    @property
+    def teacher_taps(self) -> frozenset[int]:
+        return frozenset()
 
-    def loss(
-        self, features: torch.Tensor, logits: torch.Tensor, teacher_logits: torch.Tensor | None,
-        targets: torch.Tensor, classes: TaskClasses,
-    ) -> torch.Tensor:
+    def attachment(self, batch: int, train: bool, teacher: TeacherSignal | None) -> Attachment:
+        return Attachment()
+
+    def predict(self, out: ModelOutput) -> torch.Tensor:
+        return out.logits
+
+    def loss(self, out: ModelOutput, teacher: TeacherSignal | None, targets: torch.Tensor, classes: TaskClasses) -> torch.Tensor:
         raise NotImplementedError
+
+    def kd_share(self) -> float:
+        """A KD head's share of the prediction (distill.prediction): alpha when weighted, else a half."""
+        return self.cfg.alpha if self.cfg.prediction == "weighted" else 0.5
 
 
 KD_METHODS: dict[str, type[KDMethod]] = {}

@@ -8,11 +8,10 @@ methods are `dcdl`/`deit`). This method is the paper's description, not what pro
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from cdl_core.backbones import Prefix
+from cdl_core.attach import Attachment, ModelOutput
 from cdl_core.catalog.distill import CDLPromptParams
-from cdl_core.distill.base import KDContext, KDMethod, TaskClasses, register_kd_method
+from cdl_core.distill.base import KDContext, KDMethod, TaskClasses, TeacherSignal, register_kd_method
 from cdl_core.distill.losses import current_task_cross_entropy, logit_kd
 from cdl_core.distill.prompt_mapping import PromptMapping
 
@@ -28,17 +27,18 @@ class CDLPrompt(KDMethod):
         self.resolved = params.resolved(ctx.prompt_params, ctx.n_tasks)
         self.mapping = PromptMapping(ctx.teacher_prompt_layers, ctx.teacher_dim, ctx.student_dim, 
                                      self.resolved["components"], self.resolved["length"], self.resolved["active_components"])
-        self.kd_head = nn.Linear(ctx.student_dim, ctx.n_classes)
+        self.kd_head = ctx.make_head(ctx.student_dim)
 
-    def extra_prefixes(self, teacher_prompt_queries: dict[int, torch.Tensor]) -> dict[int, Prefix]:
-        return self.mapping(teacher_prompt_queries)
+    def attachment(self, batch: int, train: bool, teacher: TeacherSignal | None) -> Attachment:
+        """The teacher's prompts mapped beside the student's own (the teacher is needed at evaluation too)."""
+        return Attachment(self.mapping(teacher.prompt_queries))
 
-    def predict(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        share = self.cfg.alpha if self.cfg.prediction == "weighted" else 0.5
-        return (1 - share) * logits + share * self.kd_head(features)
+    def predict(self, out: ModelOutput) -> torch.Tensor:
+        share = self.kd_share()
+        return (1 - share) * out.logits + share * self.kd_head(out.features)
 
-    def loss(self, features, logits, teacher_logits, targets: torch.Tensor, classes: TaskClasses) -> torch.Tensor:
+    def loss(self, out: ModelOutput, teacher: TeacherSignal | None, targets: torch.Tensor, classes: TaskClasses) -> torch.Tensor:
         a, current = self.cfg.alpha, slice(classes.past, classes.seen)
-        kd_logits = self.kd_head(features)
-        soft = logit_kd(kd_logits[:, current], teacher_logits[:, current], self.cfg.temperature)
-        return (1 - a) * current_task_cross_entropy(logits, targets, classes) + a * soft
+        kd_logits = self.kd_head(out.features)
+        soft = logit_kd(kd_logits[:, current], teacher.logits[:, current], self.cfg.temperature)
+        return (1 - a) * current_task_cross_entropy(out.logits, targets, classes) + a * soft

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cdl_core.backbones import Prefix
+from cdl_core.attach import Prefix
 from cdl_core.prompts.base import split_prefix, uniform_parameter
 from cdl_core.prompts.coda import attend_components
 from cdl_core.prompts.orthogonal import orthonormal_extension

@@ -7,24 +7,30 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import nn
 
-from cdl_core.backbones import Prefix
+from cdl_core.attach import Attachment, Prefix
 from cdl_core.catalog.prompts import PromptParams, resolve_prompt_params
 from cdl_core.errors import ConfigError
 
 
 class PromptOutput(NamedTuple):
-    prefixes: dict[int, Prefix]  # layer index -> (key tokens, value tokens)
+    attachment: Attachment  # what the prompts attach to the backbone
     loss: torch.Tensor  # scalar prompt loss (key matching, orthogonality); 0 when there is none
+
+    @property
+    def prefixes(self) -> dict[int, Prefix]:
+        return self.attachment.prefixes
 
 
 class PromptMethod(nn.Module, ABC):
-    """Turns a selection query into per-layer prefix prompts.
+    """Turns a selection query into what the prompts attach to the backbone (`cdl_core.attach.Attachment`).
 
-    Lifecycle: `begin_task(t)` once before training task t, then `forward(query, task_id, train)` per batch.
+    Lifecycle: `begin_task(t)` once before training task t, `forward(query, task_id, train)` per batch, and
+    `end_task(t)` after training task t, before it is evaluated.
     """
 
     name: ClassVar[str]
     Params: ClassVar[type[PromptParams]]  # the method's parameters (cdl_core.catalog.prompts); defaults official
+    head: ClassVar[str] = "linear"  # the classifier kind its model uses (cdl_core.model.HEADS)
 
     def __init__(self, params: PromptParams, embed_dim: int, key_dim: int, n_tasks: int, depth: int) -> None:
         super().__init__()
@@ -47,8 +53,14 @@ class PromptMethod(nn.Module, ABC):
     def begin_task(self, task_id: int) -> None:
         self.current_task = task_id
 
+    def end_task(self, task_id: int) -> None:
+        """After training task `task_id`, before it is evaluated."""
+
     @abstractmethod
-    def forward(self, query: torch.Tensor, task_id: int, train: bool) -> PromptOutput: ...
+    def forward(self, query: torch.Tensor | None, task_id: int, train: bool, merged: str = "current") -> PromptOutput:
+        """`query`: the selection query (None for methods whose Params do not use one). `merged`: for methods
+        that evaluate with a merged copy of their prompts (APT), which copy an evaluation pass uses: "current"
+        (after the last finished task) or "previous" (before it)."""
 
 
 PROMPT_METHODS: dict[str, type[PromptMethod]] = {}

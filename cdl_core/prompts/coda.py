@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cdl_core.attach import Attachment
 from cdl_core.catalog.prompts import CodaParams
 from cdl_core.prompts.base import PromptMethod, PromptOutput, register_prompt_method, split_prefix, uniform_parameter
 from cdl_core.prompts.orthogonal import orthonormal_extension
@@ -56,7 +57,7 @@ class CodaPrompt(PromptMethod):
             for param in store.values():
                 param[start:stop] = orthonormal_extension(param[:start], stop - start)
 
-    def forward(self, query: torch.Tensor, task_id: int, train: bool) -> PromptOutput:
+    def forward(self, query: torch.Tensor | None, task_id: int, train: bool, merged: str = "current") -> PromptOutput:
         start, stop = self.task_slice(self.current_task)
         loss = query.new_zeros(())
         prefixes = {}
@@ -67,4 +68,4 @@ class CodaPrompt(PromptMethod):
                 if self.params.ortho_mu > 0:
                     loss = loss + self.params.ortho_mu * (ortho_penalty(k) + ortho_penalty(a) + ortho_penalty(p))
             prefixes[layer] = split_prefix(attend_components(query, k, a, p))
-        return PromptOutput(prefixes, loss)
+        return PromptOutput(Attachment(prefixes), loss)

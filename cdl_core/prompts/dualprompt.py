@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cdl_core.attach import Attachment
 from cdl_core.catalog.prompts import DualPromptParams
 from cdl_core.prompts.base import PromptMethod, PromptOutput, register_prompt_method, split_prefix, uniform_parameter
 
@@ -20,7 +21,7 @@ class DualPrompt(PromptMethod):
         self.e_keys = nn.ParameterDict({str(l): uniform_parameter(params.pool_size, key_dim) for l in params.layers})
         self.g_prompts = nn.ParameterDict({str(l): uniform_parameter(1, params.g_length, embed_dim) for l in params.g_layers})
 
-    def forward(self, query: torch.Tensor, task_id: int, train: bool) -> PromptOutput:
+    def forward(self, query: torch.Tensor | None, task_id: int, train: bool, merged: str = "current") -> PromptOutput:
         q = F.normalize(query, dim=1)
         loss = query.new_zeros(())
         parts: dict[int, list] = {layer: [] for layer in self.layers}
@@ -39,4 +40,4 @@ class DualPrompt(PromptMethod):
             keys = [k.expand(len(query), -1, -1) for k, _ in pieces]
             values = [v.expand(len(query), -1, -1) for _, v in pieces]
             prefixes[layer] = (torch.cat(keys, dim=1), torch.cat(values, dim=1))
-        return PromptOutput(prefixes, loss)
+        return PromptOutput(Attachment(prefixes), loss)

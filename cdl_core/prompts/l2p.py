@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cdl_core.attach import Attachment
 from cdl_core.catalog.prompts import L2PParams
 from cdl_core.prompts.base import PromptMethod, PromptOutput, register_prompt_method, split_prefix, uniform_parameter
 
@@ -19,7 +20,7 @@ class L2P(PromptMethod):
         self.prompts = nn.ParameterDict({str(l): uniform_parameter(params.pool_size, params.length, embed_dim) for l in params.layers})
         self.keys = nn.ParameterDict({str(l): uniform_parameter(params.pool_size, key_dim) for l in params.layers})
 
-    def forward(self, query: torch.Tensor, task_id: int, train: bool) -> PromptOutput:
+    def forward(self, query: torch.Tensor | None, task_id: int, train: bool, merged: str = "current") -> PromptOutput:
         q = F.normalize(query, dim=1)
         prefixes = {}
         loss = query.new_zeros(())
@@ -31,4 +32,4 @@ class L2P(PromptMethod):
             chosen = self.prompts[str(layer)][top.indices]  # B x k x length x D
             key, value = split_prefix(chosen)
             prefixes[layer] = (key.flatten(1, 2), value.flatten(1, 2))
-        return PromptOutput(prefixes, loss)
+        return PromptOutput(Attachment(prefixes), loss)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from cdl_core.attach import Attachment
 from cdl_core.catalog.prompts import NoPromptParams
 from cdl_core.prompts.base import PromptMethod, PromptOutput, register_prompt_method
 
@@ -12,5 +13,5 @@ class NoPrompt(PromptMethod):
     name = "none"
     Params = NoPromptParams
 
-    def forward(self, query: torch.Tensor, task_id: int, train: bool) -> PromptOutput:
-        return PromptOutput({}, query.new_zeros(()))
+    def forward(self, query: torch.Tensor | None, task_id: int, train: bool, merged: str = "current") -> PromptOutput:
+        return PromptOutput(Attachment(), torch.zeros(()))
