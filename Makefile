@@ -35,7 +35,7 @@ single: data
 	$(PY) -m cdl_core.run --teacher demo-t --student demo-s --method coda --kd cdl_prompt --dataset fashion_mnist --epochs 1 --batch-size 16 --out outputs/single.json
 
 test: data
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=30
 
 # The README's "Performance" numbers: each prints its ratios, measured side by side in one run.
 bench: data

@@ -142,7 +142,7 @@ def estimate(space: Any, plan: Any, reuse: bool = True) -> list[PairCost]:
 def estimate_lines(space: Any, plan: Any, reuse: bool = True) -> list[str]:
     """The dry run's cost lines: a total and a per-pair breakdown, or why there is no GPU estimate."""
     if space.gpus_per_trial <= 0:
-        return [f"GPU-hours: none estimated, the space asks for no GPU (its trials run on CPUs, where per-trial overheads "
+        return ["GPU-hours: none estimated, the space asks for no GPU (its trials run on CPUs, where per-trial overheads "
                 "that a FLOP count misses dominate; the README gives the smoke sweep's measured time)"]
     rows = estimate(space, plan, reuse)
     precisions = sorted({(plan.configs.get(c.key) or space.run_config(c))["train"]["precision"] for c in plan.cells})

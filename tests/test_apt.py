@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-from cdl_core.attach import Attachment
 from cdl_core.backbones import FrozenViT, create_backbone
 from cdl_core.config import BackboneConfig
 from cdl_core.model import CosineHead, ContinualModel

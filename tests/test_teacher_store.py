@@ -37,7 +37,7 @@ from cdl_core.backbones import create_backbone
 from cdl_core.config import BackboneConfig, ConfigError, DataConfig, DistillConfig, PromptConfig, RunConfig, TrainConfig
 from cdl_core.training import PhaseTrainer
 from cdl_core.learner import ContinualRun, teacher_identity, teacher_key
-from cdl_core.teacher_store import TEMP_PREFIX, TeacherEntry, TeacherStore, TeacherStoreError, content_key
+from cdl_core.teacher_store import TEMP_PREFIX, TeacherStore, TeacherStoreError, content_key
 from orchestrator import teachers as teachers_cli
 from orchestrator.teachers import LeaseTable
 
