@@ -105,10 +105,19 @@ class PromptConfig:
 
     method: str = "coda"
     params: dict[str, Any] = field(default_factory=dict)
+    # The teacher's parameters where they differ from the student's: e.g. a space that tunes the student's APT ema
+    # keeps the teacher's fixed here, so one stored teacher serves every trial.
+    teacher_params: dict[str, Any] = field(default_factory=dict)
+
+    def params_for(self, role: str) -> dict[str, Any]:
+        """The parameter overrides of `role` ("student" or "teacher")."""
+        return self.params | self.teacher_params if role == "teacher" else self.params
 
     def validate(self) -> None:
         _one_of("prompt.method", self.method, sorted(PROMPT_PARAMS))
         resolve_prompt_params(self.method, self.params)
+        if self.teacher_params:
+            resolve_prompt_params(self.method, self.params_for("teacher"))
 
 
 @dataclass
@@ -243,7 +252,7 @@ class RunConfig:
         backbones = {"student": self.student} | ({"teacher": self.teacher} if self.teacher else {})
         for role, backbone in backbones.items():
             preset = get_preset(backbone.preset)
-            prompt.check_against(n_tasks, preset.depth, f"the {role} {preset.name}")
+            resolve_prompt_params(self.prompt.method, self.prompt.params_for(role)).check_against(n_tasks, preset.depth, f"the {role} {preset.name}")
         if self.teacher is not None:
             kd = resolve_kd_params(self.distill.method, self.distill.params)
             kd.check_against(prompt, n_tasks)

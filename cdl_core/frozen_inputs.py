@@ -7,6 +7,7 @@ tensor belongs to image i, so a task's worth can be precomputed once and indexed
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
@@ -18,6 +19,18 @@ from cdl_core.devices import autocast
 from cdl_core.distill import TeacherSignal
 from cdl_core.distill.prompt_mapping import teacher_prompt_queries
 from cdl_core.model import ContinualModel
+
+log = logging.getLogger(__name__)
+
+# Beyond this a task's precomputed frozen outputs stay uncomputed (each step computes its own): a teacher's tapped
+# blocks hold all its tokens, e.g. 12 blocks of a ViT-B are 7 MB per image.
+PRECOMPUTE_MAX_BYTES = 4 * 2**30
+
+
+def _leaves(tree: Any) -> list[torch.Tensor]:
+    leaves: list[torch.Tensor] = []
+    _tree(lambda x: leaves.append(x) or x, tree)
+    return leaves
 
 
 def _tree(fn: Callable[..., torch.Tensor], *trees: Any) -> Any:
@@ -115,9 +128,20 @@ class FrozenPasses:
         tapped = {block: teacher_out.taps[block].detach() for block in taps} if taps else None
         return TeacherSignal(teacher_out.logits.detach(), prompt_queries, tapped)
 
-    def precompute(self, role: str, batches: Iterable[torch.Tensor], t: int) -> FrozenInputs:
-        """Frozen outputs for every image of `batches` (a task's training images in dataset order)."""
-        return FrozenInputs.concat([self.inputs(role, images.to(self.device), t) for images in batches])
+    def precompute(self, role: str, batches: Iterable[torch.Tensor], t: int, n_images: int) -> FrozenInputs | None:
+        """Frozen outputs for every image of `batches` (a task's `n_images` training images in dataset order); None
+        when they would not fit in PRECOMPUTE_MAX_BYTES (a teacher's tapped blocks are all its tokens), and then
+        each step computes its own."""
+        parts = []
+        for images in batches:
+            parts.append(self.inputs(role, images.to(self.device), t))
+            if len(parts) == 1:
+                per_image = sum(x.element_size() * x[0].numel() for x in _leaves(parts[0]))
+                if per_image * n_images > PRECOMPUTE_MAX_BYTES:
+                    log.info("the frozen outputs of task %d would take %.1f GiB; computing them every step instead",
+                             t + 1, per_image * n_images / 2**30)
+                    return None
+        return FrozenInputs.concat(parts)
 
     def joint(self, role: str) -> bool:
         return role == "student" and self.teacher is not None and self.cfg.distill.schedule == "joint"

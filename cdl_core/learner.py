@@ -106,7 +106,7 @@ class ContinualRun:
         query_backbone = self.teacher_backbone if role == "teacher" and self.cfg.query == "own" else self.student_backbone
         n_tasks, n_classes = self.stream.n_tasks, self.stream.n_classes
         prompt = build_prompt_method(
-            self.cfg.prompt.method, self.cfg.prompt.params, backbone.embed_dim, query_backbone.embed_dim, n_tasks, backbone.depth,
+            self.cfg.prompt.method, self.cfg.prompt.params_for(role), backbone.embed_dim, query_backbone.embed_dim, n_tasks, backbone.depth,
         )
         kd = None
         if role == "student" and self.teacher is not None:

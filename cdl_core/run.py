@@ -50,10 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-files", help="imagenet_r: folder with the official imagenet-r_train.yaml / imagenet-r_test.yaml")
     p.add_argument("--student-tag", help="timm pretrained tag of a hub student (default: the preset's, e.g. augreg2_in21k_ft_in1k)")
     p.add_argument("--teacher-tag", help="timm pretrained tag of a hub teacher (default: the preset's)")
-    p.add_argument("--method", help="prompt method: l2p, dualprompt, coda, none (default coda)")
+    p.add_argument("--method", help="prompt method: l2p, dualprompt, coda, apt, none (default coda)")
     p.add_argument("--backbone", "--student", dest="student", help="student backbone preset (default demo-s)")
     p.add_argument("--teacher", help="teacher backbone preset (e.g. demo-t); omit for a single learner")
-    p.add_argument("--kd", help="distillation method: none, kd, dkd, cdl_prompt (default cdl_prompt with --teacher)")
+    p.add_argument("--kd", help="distillation method: none, kd, dkd, fitnets, reviewkd, deit, dcdl, cdl_prompt (default cdl_prompt with --teacher)")
     p.add_argument("--dataset", help="fashion_mnist (default, offline), cifar100, imagenet_r, synthetic")
     p.add_argument("--data-root", help="where the dataset lives (default: the dataset's usual locations)")
     p.add_argument("--download", action="store_true", default=None, help="let torchvision download cifar100 / fashion_mnist when online")
@@ -71,8 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", choices=["sequential", "joint"], help="teacher/student schedule (default sequential)")
     p.add_argument("--query", choices=["student", "own"], help="query backbone (default student, as the official CDL code)")
     p.add_argument("--alpha", type=float, help="KD weight a (default 0.5)")
-    p.add_argument("--temperature", type=float, help="KD temperature T (default: the method's own, kd/cdl_prompt 2, dkd 4)")
+    p.add_argument("--temperature", type=float, help="KD temperature T (default: the method's own: dkd 4, the others 2)")
+    p.add_argument("--teacher-merged-prompts", choices=["previous", "current"],
+                   help="which merged prompts a frozen APT teacher signals with: previous (official) or current")
     p.add_argument("--prompt-param", action="append", default=[], metavar="KEY=VALUE", help="override a prompt-method parameter, e.g. pool_size=50")
+    p.add_argument("--teacher-prompt-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="the teacher's prompt-method parameter where it differs from the student's, e.g. ema=0.7")
     p.add_argument("--kd-param", action="append", default=[], metavar="KEY=VALUE", help="override a KD-method parameter, e.g. active_components=10")
     p.add_argument("--student-weights", help="student weights: default, random, or a state-dict file")
     p.add_argument("--teacher-weights", help="teacher weights: default, random, or a state-dict file")
@@ -103,7 +107,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         ("alpha", distill, "alpha"), ("temperature", distill, "temperature"), ("query", raw, "query"),
         ("input_scaling", data, "input_scaling"), ("val_fraction", data, "val_fraction"), ("split_files", data, "split_files"),
         ("lr_schedule", train, "lr_schedule"), ("drop_last", train, "drop_last"), ("prediction", distill, "prediction"),
-        ("forgetting", raw, "forgetting"),
+        ("forgetting", raw, "forgetting"), ("teacher_merged_prompts", distill, "teacher_merged_prompts"),
     ]:
         value = getattr(args, flag)
         if value is not None:
@@ -131,6 +135,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     if args.method and args.method != prompt["method"]:
         prompt["method"], prompt["params"] = args.method, {}  # another method's params would not fit
     prompt["params"].update(_key_values(args.prompt_param, "--prompt-param"))
+    prompt["teacher_params"].update(_key_values(args.teacher_prompt_param, "--teacher-prompt-param"))
     distill["params"].update(_key_values(args.kd_param, "--kd-param"))
     return RunConfig.from_dict(raw)
 

@@ -28,8 +28,8 @@ _DATA_FIELDS_NOT_IN_TEACHER = ("root", "download")
 
 def teacher_identity(cfg: RunConfig) -> dict[str, Any]:
     """Everything a sequential-schedule teacher's training depends on, from the config alone (no weights or
-    data are loaded): its backbone and weights source, the query backbone, the prompt method with its resolved
-    parameters, the stream (with the protocol's input scaling and validation fraction), the optimisation
+    data are loaded): its backbone and weights source, the query backbone, the prompt method with the teacher's
+    resolved parameters, the stream (with the protocol's input scaling and validation fraction), the optimisation
     settings and seed (with the lr schedule and dropped batches), and the training code's version. KD settings,
     the prediction weighting, the forgetting shown and the student's own backbone (unless it is the query
     backbone) are not in it."""
@@ -42,7 +42,7 @@ def teacher_identity(cfg: RunConfig) -> dict[str, Any]:
             {"preset": cfg.student.preset, "weights": weights_source_id(cfg.student.preset, cfg.student.weights, cfg.student.pretrained_tag)}
             if cfg.query == "student" else "own"
         ),
-        "prompt": {"method": cfg.prompt.method, "params": asdict(resolve_prompt_params(cfg.prompt.method, cfg.prompt.params))},
+        "prompt": {"method": cfg.prompt.method, "params": asdict(resolve_prompt_params(cfg.prompt.method, cfg.prompt.params_for("teacher")))},
         # the split lists' content is checked through the stream's fingerprint (teacher facts), not their path
         "data": {k: v for k, v in asdict(cfg.data).items() if k not in _DATA_FIELDS_NOT_IN_TEACHER}
         | {"split_files": "official" if cfg.data.split_files else None},

@@ -71,7 +71,7 @@ class PhaseTrainer:
         cached = None
         if not self.cfg.data.train_augment and tc.epochs > 1:
             batches = (images for images, _ in self.loader(task.train, tc.eval_batch_size, shuffle=False))
-            cached = frozen.precompute(role, batches, t)
+            cached = frozen.precompute(role, batches, t, len(task.train))
         dataset = IndexedDataset(task.train) if cached is not None else task.train
         if tc.drop_last and len(dataset) < tc.batch_size:
             raise ConfigError(

@@ -11,9 +11,9 @@ DEPTH = 12  # every student's blocks (ViT-B, -S, -Ti): D-CDL's KD prompts fit in
 def tune(trial, cell):
     overrides = {"train.batch_size": 32} if cell.teacher == L else {}  # ViT-L teacher: batch 32 as in the paper
     if cell.method == "apt":
-        # One prompt config serves teacher and student: a tuned ema is the teacher's too (its merged prompts are what
-        # the student learns from), so each APT trial with a teacher trains its own (the dry run counts them).
+        # The student's ema is tuned; the teacher keeps the official one, so one stored teacher serves every trial.
         overrides["prompt.params.ema"] = trial.suggest_float("ema", 0.3, 0.95)
+        overrides["prompt.teacher_params"] = {"ema": 0.7}
     if cell.kd == "none":
         return overrides
     overrides["distill.alpha"] = trial.suggest_float("alpha", 0.1, 0.9)

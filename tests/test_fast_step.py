@@ -115,7 +115,7 @@ def test_precomputed_frozen_outputs_train_like_per_step_ones(monkeypatch, method
     def train(precompute: bool) -> tuple[ContinualRun, list]:
         run = ContinualRun(make_cfg(method, kd, teacher=teacher, epochs=3))
         if not precompute:
-            monkeypatch.setattr(run.frozen, "precompute", lambda role, batches, t: None)
+            monkeypatch.setattr(run.frozen, "precompute", lambda role, batches, t, n: None)
         calls = []
         frozen_inputs = run.frozen.inputs
         monkeypatch.setattr(run.frozen, "inputs", lambda role, images, t: calls.append(len(images)) or frozen_inputs(role, images, t))
@@ -136,10 +136,27 @@ def test_precomputed_frozen_outputs_train_like_per_step_ones(monkeypatch, method
     assert sum(per_step_calls) == phases * 3 * stepped_per_task
 
 
+def test_frozen_outputs_too_large_for_memory_are_computed_every_step(monkeypatch):
+    """Past PRECOMPUTE_MAX_BYTES (a teacher's tapped blocks hold all its tokens) the task's frozen outputs are not
+    kept: the run trains exactly as when computing them every step."""
+    import cdl_core.frozen_inputs
+
+    run = ContinualRun(make_cfg("l2p", "fitnets", teacher=True, epochs=2))
+    batches = (images for images, _ in run.trainer.loader(run.stream.tasks[0].train, 256, shuffle=False))
+    started(run)
+    n = len(run.stream.tasks[0].train)
+    per_image = sum(x[0].numel() * x.element_size() for x in cdl_core.frozen_inputs._leaves(run.frozen_inputs("student", batch_of(run)[0], 0)))
+    monkeypatch.setattr(cdl_core.frozen_inputs, "PRECOMPUTE_MAX_BYTES", per_image * n - 1)
+    assert run.frozen.precompute("student", batches, 0, n) is None
+    monkeypatch.setattr(cdl_core.frozen_inputs, "PRECOMPUTE_MAX_BYTES", per_image * n)
+    batches = (images for images, _ in run.trainer.loader(run.stream.tasks[0].train, 256, shuffle=False))
+    assert len(run.frozen.precompute("student", batches, 0, n).query) == n
+
+
 def test_no_precomputing_with_augmentation_or_a_single_epoch(monkeypatch):
     for cfg in (make_cfg(augment=True, epochs=2), make_cfg(augment=False, epochs=1)):
         run = ContinualRun(cfg)
-        monkeypatch.setattr(run.frozen, "precompute", lambda role, batches, t: pytest.fail("precomputed with changing inputs"))
+        monkeypatch.setattr(run.frozen, "precompute", lambda role, batches, t, n: pytest.fail("precomputed with changing inputs"))
         run.run_task()
 
 
@@ -148,7 +165,7 @@ def test_joint_schedule_precomputes_queries_only():
     run = ContinualRun(make_cfg("coda", "cdl_prompt", schedule="joint"))
     started(run)
     batches = (images for images, _ in run.trainer.loader(run.stream.tasks[0].train, 256, shuffle=False))
-    frozen = run.frozen.precompute("student", batches, 0)
+    frozen = run.frozen.precompute("student", batches, 0, len(run.stream.tasks[0].train))
     assert frozen.teacher is None and frozen.teacher_query is not None
     assert len(frozen.query) == len(run.stream.tasks[0].train)
     images, targets, classes = batch_of(run)

@@ -296,15 +296,15 @@ def test_dry_run_prints_the_plan_without_starting_ray(name, capsys):
     assert not ray.is_initialized()
     got = dry_run_numbers(capsys.readouterr().out)
     space = load_space(name)
-    # A teacher depends on (teacher, student, method, dataset, seed), not on the KD method; APT's tuned ema (full) is
-    # the teacher's too, so those trials each train their own.
+    # A teacher depends on (teacher, student, method, dataset, seed), not on the KD method; full tunes the student's
+    # APT ema and keeps the teacher's fixed (prompt.teacher_params), so those cells share teachers too.
     expected = {
         # 9 KD cells x 3 trials + 3 cells alone; a teacher per prompt method
         "smoke": dict(cells=12, trials=30, cpu=1, gpu=0, teacher_trainings=9 * 3, distinct_teachers=3, own=0),
-        # 486 KD cells x 8 trials; 18 APT cells alone x 8, 54 other cells alone x 1; shared teachers: 3 pairs x 3
-        # methods x 2 datasets x 3 seeds, and the 108 APT KD cells' 8 trials each train their own
+        # 486 KD cells x 8 trials; 18 APT cells alone x 8, 54 other cells alone x 1; shared teachers: 3 pairs x 4
+        # methods x 2 datasets x 3 seeds
         "full": dict(cells=558, trials=486 * 8 + 18 * 8 + 54, cpu=4, gpu=1, teacher_trainings=486 * 8,
-                     distinct_teachers=3 * 3 * 2 * 3 + 108 * 8, own=108),
+                     distinct_teachers=3 * 4 * 2 * 3, own=0),
         # 96 + 18 KD cells and 22 cells alone, one trial each; teachers: B->S and L->B x 4 methods x 2 datasets,
         # B->Ti x 3 x 2
         "paper": dict(cells=136, trials=136, cpu=4, gpu=1, teacher_trainings=96 + 18, distinct_teachers=8 + 8 + 6, own=0),
