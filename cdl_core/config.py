@@ -10,6 +10,7 @@ plain timm setup differ default to None and take the run's `protocol` value when
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -308,11 +309,17 @@ class RunConfig:
         return cls.from_dict(raw)
 
 
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    # Resolving the string annotations is most of a config's construction time; a sweep builds thousands.
+    return get_type_hints(cls)
+
+
 def _build(cls: type, raw: Any, where: str) -> Any:
     """Build dataclass `cls` from a dict, rejecting unknown keys with the list of valid ones."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a mapping, got {type(raw).__name__}")
-    hints = get_type_hints(cls)
+    hints = _type_hints(cls)
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(raw) - names)
     if unknown:

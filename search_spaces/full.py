@@ -13,7 +13,8 @@ def tune(trial, cell):
     if cell.method == "apt":
         # The student's ema is tuned; the teacher keeps the official one, so one stored teacher serves every trial.
         overrides["prompt.params.ema"] = trial.suggest_float("ema", 0.3, 0.95)
-        overrides["prompt.teacher_params"] = {"ema": 0.7}
+        if cell.teacher:
+            overrides["prompt.teacher_params"] = {"ema": 0.7}
     if cell.kd == "none":
         return overrides
     overrides["distill.alpha"] = trial.suggest_float("alpha", 0.1, 0.9)

@@ -104,7 +104,7 @@ def test_full_space_covers_every_method_both_datasets_three_seeds_on_gpus():
     for cell in cells:
         drawn = set(space.sample_overrides(cell))
         expected = ({"distill.alpha", "distill.temperature"} | FULL_TUNED[cell.kd] if cell.kd != "none" else set())
-        expected |= {"prompt.params.ema"} if cell.method == "apt" else set()
+        expected |= {"prompt.params.ema"} | ({"prompt.teacher_params"} if cell.teacher else set()) if cell.method == "apt" else set()
         expected |= {"train.batch_size"} if cell.teacher == L else set()
         assert drawn == expected, cell.key
 
