@@ -185,6 +185,14 @@ class MlflowServer:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
 
+    def crash(self) -> None:
+        """An outage: the server and its workers gone at once. SIGTERM's graceful shutdown may go on serving the
+        requests in flight for seconds, long enough for a short trial to finish its logging."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
 
 def stop_process_group(process: subprocess.Popen, timeout: float = 30) -> None:
     """SIGTERM the process group a test started (start_new_session=True), SIGKILL it if it lingers."""

@@ -322,7 +322,7 @@ def test_trials_keep_training_while_mlflow_is_down_and_every_metric_arrives_once
         thread, outcome = run_in_thread(["--space", space, "--name", "outage", "--tracking-uri", server.url])
         experiment = workdir / "ray_results" / "outage"
         wait_for_task(experiment, 1, thread)
-        server.stop()
+        server.crash()
         wait_for_task(experiment, 3, thread)  # the trial trained on while nothing could be written
         server.start()  # same port, same database
         thread.join(timeout=300)
@@ -346,7 +346,7 @@ def test_a_sweep_whose_mlflow_never_comes_back_ends_with_a_clear_error_and_resul
     try:
         wait_for_task(experiment, 1, thread)
     finally:
-        server.stop()
+        server.crash()
     thread.join(timeout=300)
     assert outcome.get("code") == 2
     err = capsys.readouterr().err
