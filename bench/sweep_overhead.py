@@ -1,6 +1,7 @@
 """What our sweep machinery costs on top of Ray Tune: the same near-no-op trials run through `run_sweep` and
-through a bare Tune loop, in one process, side by side; and the planning time and peak memory of a --dry-run of
-a 1,000-trial space.
+through a bare Tune loop, in one process, side by side; the driver's memory as our sweep grows (its peak by the
+200th trial started and at the end, and the growth per trial between); and the planning time and peak memory of
+a --dry-run of a 1,000-trial space.
 
 Our side is everything but the training: per-cell Optuna studies in sqlite with the pruning scheduler, MLflow
 tracking (sqlite store) through its outbox, drained before run_sweep returns, the teacher lease actor, the
@@ -9,6 +10,7 @@ trainable and resources and nothing else. Each trial reports the metric keys of
 `orchestrator.trainable.task_metrics` with a tiny checkpoint, `--reports` times (one per task of a synthetic stream, so 1, 2, 5 or 10). Target: ours / bare <= 1.2x.
 
     python bench/sweep_overhead.py                          # 200 trials x 10 reports each way, then the dry run
+    python bench/sweep_overhead.py --trials 1000            # thousands: the ratio and the driver's memory growth
     python bench/sweep_overhead.py --trials 40 --reports 5  # a quicker look
     python bench/sweep_overhead.py --skip-dry-run           # only the two sweeps
     python bench/sweep_overhead.py --skip-sweeps            # only the 1,000-trial dry run
@@ -21,8 +23,9 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +86,42 @@ class Side:
     driver_cpu: float  # CPU-seconds of this process (Tune's driver, and our tracking thread)
     trials: int  # trials that ran to their last report
     reports: int  # reports that arrived where this side records them (MLflow for ours, Tune's results for bare)
+    optuna_trials: int = 0  # ours: Optuna trials COMPLETE with every report as an intermediate value
+    memory: list[tuple[int, float]] = field(default_factory=list)  # ours: (trials started, driver RSS MB) samples
+
+    def peak_mb(self, started_at_most: int | None = None) -> float:
+        return max((mb for started, mb in self.memory if started_at_most is None or started <= started_at_most), default=0.0)
+
+
+def resident_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class MemorySampler(threading.Thread):
+    """This process's resident memory once a second, beside how many trials Tune has started (its trial folders
+    under the experiment): the driver's growth with the sweep, sampled without touching the sweep's stores."""
+
+    def __init__(self, experiment: Path) -> None:
+        super().__init__(daemon=True)
+        self.experiment, self.samples, self.done = experiment, [], threading.Event()
+
+    def started(self) -> int:
+        try:
+            return sum(entry.is_dir() for entry in os.scandir(self.experiment))
+        except FileNotFoundError:
+            return 0
+
+    def run(self) -> None:
+        while not self.done.wait(1.0):
+            self.samples.append((self.started(), resident_mb()))
+
+    def stop(self) -> list[tuple[int, float]]:
+        self.done.set()
+        self.join()
+        return self.samples + [(self.started(), resident_mb())]
 
 
 def run_ours(space_file: Path, workdir: Path) -> Side:
@@ -99,16 +138,30 @@ def run_ours(space_file: Path, workdir: Path) -> Side:
     ])
     space = load_space(args.space)
     plan = make_plan(space)
+    sampler = MemorySampler(workdir / "ray_results" / SWEEP)
+    sampler.start()
     start, cpu = time.perf_counter(), time.process_time()
     if run_sweep(space, plan, args, trainable=noop_trial) != 0:
         raise RuntimeError("run_sweep failed")
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    memory = sampler.stop()
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(SWEEP)
     runs = client.search_runs([experiment.experiment_id], TRIALS_FILTER, max_results=10 * plan.total_trials)
     steps = [len(client.get_metric_history(run.info.run_id, "val_avg_acc")) for run in runs]
     completed = sum(run.info.status == "FINISHED" and run.data.tags["status"] == "completed" for run in runs)
-    return Side(seconds, cpu, completed, sum(steps))
+    return Side(seconds, cpu, completed, sum(steps), optuna_complete(f"sqlite:///{workdir / 'optuna.db'}", space), memory)
+
+
+def optuna_complete(storage_url: str, space: Any) -> int:
+    """Optuna trials of the sweep's cells that are COMPLETE with an intermediate value for every report."""
+    import optuna
+
+    n_tasks = space.base["data.n_tasks"]
+    studies = optuna.get_all_study_summaries(storage_url)
+    return sum(t.state == optuna.trial.TrialState.COMPLETE and len(t.intermediate_values) == n_tasks
+               for summary in studies if summary.study_name.startswith(f"{SWEEP}/")
+               for t in optuna.load_study(study_name=summary.study_name, storage=storage_url).get_trials(deepcopy=False))
 
 
 def run_bare(space_file: Path, workdir: Path) -> Side:
@@ -168,9 +221,18 @@ def dry_run(trials: int, workdir: Path) -> tuple[float, float]:
     return seconds, usage.ru_maxrss / 1024  # Linux: kilobytes
 
 
+def print_memory(ours: Side, trials: int, early: int = 200) -> None:
+    """The driver's peak resident memory by the `early`-th trial started and over the whole sweep."""
+    print(f"driver resident memory (this process, sampled each second): peak {ours.peak_mb():.0f} MB over {trials} trials")
+    if trials > early:
+        by_early = ours.peak_mb(early)
+        growth_kb = (ours.peak_mb() - by_early) * 1024 / (trials - early)
+        print(f"  peak by the {early}th trial started {by_early:.0f} MB; growth {growth_kb:.0f} KB per trial after it")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--trials", type=int, default=200, help="trials on each side")
+    p.add_argument("--trials", type=int, default=200, help="trials on each side (the driver's memory is also shown by the 200th)")
     p.add_argument("--reports", type=int, default=10, help="reports (tasks) per trial")
     p.add_argument("--dry-run-trials", type=int, default=1000, help="planned trials of the dry-run space")
     p.add_argument("--skip-sweeps", action="store_true", help="only the dry run")
@@ -188,8 +250,10 @@ def main() -> None:
                 print(f"{name:<24} {side.seconds:>7.1f} {side.driver_cpu:>12.1f} {side.trials:>11} {side.reports:>8}   ({counted})")
             overhead_ms = (ours.seconds - bare.seconds) / args.trials * 1000
             print(f"ours / bare: {ours.seconds / bare.seconds:.2f}x (target <= 1.2x); overhead {overhead_ms:.0f} ms per trial")
+            print(f"Optuna: {ours.optuna_trials} trials COMPLETE with all {args.reports} intermediate values")
+            print_memory(ours, args.trials)
             expected = (args.trials, args.trials * args.reports)
-            if (ours.trials, ours.reports) != expected or (bare.trials, bare.reports) != expected:
+            if (ours.trials, ours.reports) != expected or (bare.trials, bare.reports) != expected or ours.optuna_trials != args.trials:
                 sys.exit(f"error: a side lost trials or reports (expected {expected[0]} trials, {expected[1]} reports)")
 
 

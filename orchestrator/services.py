@@ -55,6 +55,9 @@ def reach_optuna(storage_url: str, probe_study: str) -> None:
         optuna.delete_study(study_name=probe_study, storage=storage)
     except ImportError:
         driver = DRIVERS.get(scheme, f"the Python driver for {scheme!r}")
+        if scheme == "postgresql" and "+" not in urllib.parse.urlsplit(storage_url).scheme:
+            # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3, which psycopg2 does not provide
+            driver = f"{driver} and name it in the URL: postgresql+psycopg2://{storage_url.split('://', 1)[1]}"
         raise ServiceUnreachableError(
             f"the database driver for the Optuna storage {storage_url} is not installed; install {driver}"
         ) from None

@@ -83,20 +83,6 @@ def print_plan(space: SweepSpace, plan: Plan, teacher_store: str | None) -> None
     print("\n".join(["", *estimate_lines(space, plan, reuse=teacher_store is not None)]))
 
 
-def check_resources(space: SweepSpace, cluster: dict[str, float]) -> None:
-    """Stop at once when not even one trial fits, instead of leaving trials pending forever."""
-    missing = []
-    if space.cpus_per_trial > cluster.get("CPU", 0):
-        missing.append(f"{space.cpus_per_trial:g} CPU per trial but the cluster has {cluster.get('CPU', 0):g}")
-    if space.gpus_per_trial > cluster.get("GPU", 0):
-        missing.append(f"{space.gpus_per_trial:g} GPU per trial but the cluster has {cluster.get('GPU', 0):g}")
-    if missing:
-        raise SweepError(
-            f"space {space.name!r} cannot run here: it asks for {'; '.join(missing)}. Join a cluster that has them "
-            "(--address), or lower the request with --cpus-per-trial / --gpus-per-trial"
-        )
-
-
 def prepare_backbones(space: SweepSpace) -> None:
     """Pretrain the demo backbones the space uses once, here, before trials start — not in every trial at once."""
     from cdl_core.catalog.presets import demo_weights_path, uses_demo_pretraining
@@ -150,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m orchestrator.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--space", required=True, help=f"search space: one of {', '.join(available_spaces())}, or a path to a copied space .py file")
     p.add_argument("--address", help="Ray cluster to join ('auto' or host:port); default: start a local Ray sized to this machine")
+    p.add_argument("--cluster-config", metavar="FILE", help="the cluster YAML whose node types the autoscaler adds (default: the "
+                   "config this cluster's autoscaler runs with, found on its head; ~/ray_bootstrap_config.yaml after `ray up`)")
     p.add_argument("--experiment", help="MLflow experiment name (default: the sweep name, so one experiment per sweep)")
     p.add_argument("--name", help="sweep name: Tune experiment folder, MLflow parent run and Optuna study prefix (default: the space name)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db in the working directory; on clusters an http:// tracking server)")
@@ -261,6 +249,7 @@ def run_sweep(space: SweepSpace, plan: Plan, args: argparse.Namespace, trainable
     # console, and once routed (orchestrator.console) go to the sweep's log file.
     os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
     from orchestrator import console, resume
+    from orchestrator.capacity import Fit, cluster_fit, release_room, request_room
 
     now = sweep_arguments(space, args)
     sweep, experiment = now["name"], args.experiment or now["name"]
@@ -287,9 +276,14 @@ def run_sweep(space: SweepSpace, plan: Plan, args: argparse.Namespace, trainable
     if own_ray:
         ray.init(address=args.address, include_dashboard=False, log_to_driver=True)
     progress = SweepProgress(space.metric, [cell.key for cell in plan.cells], plan.total_trials)
+    fit = Fit(None, 0)
     try:
         warning_kinds = console.start_warning_registry()  # noqa: F841 (held: trials show each warning kind once)
-        check_resources(space, ray.cluster_resources())
+        fit = cluster_fit(space.name, space.cpus_per_trial, space.gpus_per_trial, plan.total_trials, args.max_concurrent,
+                          args.cluster_config)
+        if fit.waiting:
+            print(f"[sweep] {fit.waiting}", flush=True)
+        request_room(fit, space.cpus_per_trial, space.gpus_per_trial)
         sharing = None
         if teacher_store is not None:
             sharing = TeacherSharing(teacher_store, f"cdl-teacher-leases:{sweep}")
@@ -329,6 +323,8 @@ def run_sweep(space: SweepSpace, plan: Plan, args: argparse.Namespace, trainable
         grid = tuner.fit()
     finally:
         progress.close()
+        if ray.is_initialized():
+            release_room(fit)
         if own_ray:
             ray.shutdown()
     # Statuses from Optuna, where the searcher told every outcome: Tune marks a trial that an interrupt (Ctrl-C)

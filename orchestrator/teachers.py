@@ -62,10 +62,13 @@ class LeaseTable:
 
 
 def start_lease_actor(name: str):
-    """The sweep's lease actor (0 CPUs, so it never takes a trial's slot); lives as long as the driver."""
+    """The sweep's lease actor (0 CPUs, so it never takes a trial's slot), on the driver's node (the head): it lives
+    as long as the driver, whichever worker node is lost."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(num_cpus=0)(LeaseTable).options(name=name, get_if_exists=True).remote()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0)(LeaseTable).options(name=name, get_if_exists=True, scheduling_strategy=here).remote()
 
 
 @dataclass(frozen=True)

@@ -129,6 +129,34 @@ def reported_tasks(experiment: Path) -> dict[str, list[int]]:
     return out
 
 
+def finish(process: subprocess.Popen, workdir: Path, log: str = "sweep.log", timeout: float = 400) -> str:
+    try:
+        process.wait(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    text = (workdir / log).read_text()
+    assert process.returncode == 0, text[-4000:]
+    return text
+
+
+def wait_for(condition, process: subprocess.Popen, workdir: Path, what: str, timeout: float = 300, log: str = "sweep.log"):
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert process.poll() is None, f"the sweep ended before {what}: " + (workdir / log).read_text()[-3000:]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+    return value
+
+
+def rows_so_far(workdir: Path, name: str) -> dict[str, list[dict]]:
+    try:
+        return tune_rows(workdir / "ray_results" / name)
+    except (json.JSONDecodeError, IndexError):  # a line being written, or a result file not yet started
+        return {}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -147,26 +175,36 @@ def tune_rows(experiment: Path) -> dict[str, list[dict]]:
 
 
 class MlflowServer:
-    """A real `mlflow server` on loopback over a sqlite store in `directory`; stop() and start() again keep its
-    port and its data (an outage and a recovery)."""
+    """A real `mlflow server` on loopback over `backend_store_uri` (default: a sqlite store in `directory`) with
+    `workers` server processes; stop() and start() again keep its port and its data (an outage and a recovery).
+    `log` is its output."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, backend_store_uri: str | None = None, workers: int = 1) -> None:
         self.directory = directory
+        self.backend_store_uri = backend_store_uri or f"sqlite:///{directory / 'srv.db'}"
+        self.workers = workers
+        self.log = directory / "server.log"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 90) -> None:
-        log = (self.directory / "server.log").open("a")
+        self.launch()
+        self.wait(timeout)
+
+    def launch(self) -> None:
+        """Start the server without waiting for it (it creates its tables first): wait() waits."""
         self.process = subprocess.Popen(
             [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--backend-store-uri", f"sqlite:///{self.directory / 'srv.db'}", "--default-artifact-root",
-             str(self.directory / "art"), "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+             "--backend-store-uri", self.backend_store_uri, "--default-artifact-root", str(self.directory / "art"),
+             "--workers", str(self.workers)],
+            stdout=self.log.open("a"), stderr=subprocess.STDOUT, start_new_session=True,
         )
+
+    def wait(self, timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout
         while True:
-            assert self.process.poll() is None, (self.directory / "server.log").read_text()[-3000:]
+            assert self.process.poll() is None, self.log.read_text()[-3000:]
             assert time.monotonic() < deadline, "the MLflow server did not answer /health"
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
@@ -208,7 +246,9 @@ def stop_process_group(process: subprocess.Popen, timeout: float = 30) -> None:
 def alive_nodes(address: str, env: dict[str, str]) -> list[str]:
     probe = "import json, ray; ray.init(address=%r, logging_level='ERROR'); print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))"
     out = subprocess.run([sys.executable, "-c", probe % address], env=env, capture_output=True, text=True, timeout=120)
-    return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else []
+    # the last JSON line: under an autoscaler the driver also prints its events ("(autoscaler +2s) Adding 1 node")
+    lines = [line for line in out.stdout.splitlines() if line.startswith("[")]
+    return json.loads(lines[-1]) if out.returncode == 0 and lines else []
 
 
 @contextmanager
@@ -245,3 +285,61 @@ def ray_nodes(cpus: list[int]):
             os.kill(int(pid), signal.SIGKILL)
         shutil.rmtree(base, ignore_errors=True)
         assert not left, f"processes of the test cluster were still running: {left}"
+
+
+def fake_autoscaling_config(worker_types: dict[str, dict[str, float]], max_workers: int) -> dict:
+    """A cluster config for Ray's fake multi-node provider (worker nodes are local processes that the real
+    autoscaler starts and stops): a 0-CPU head as in ray_cluster.yaml, and `worker_types` with min_workers 0."""
+    return {
+        "cluster_name": "cdl-fake", "max_workers": max_workers, "upscaling_speed": 1.0, "idle_timeout_minutes": 5,
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True},
+        "auth": {"ssh_user": "ubuntu"},
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+            **{name: {"resources": resources, "node_config": {}, "min_workers": 0, "max_workers": max_workers}
+               for name, resources in worker_types.items()},
+        },
+        "head_node_type": "ray.head.default",
+        **{key: [] for key in ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
+                               "head_start_ray_commands", "worker_start_ray_commands", "cluster_synced_files")},
+        "file_mounts": {},
+    }
+
+
+@contextmanager
+def autoscaling_cluster(worker_types: dict[str, dict[str, float]], max_workers: int = 2):
+    """A head with no worker, as `ray up` leaves one, under Ray's real autoscaler with the fake multi-node
+    provider (DESIGN.md section 3: Ray's AutoscalingCluster helper kills every Ray process on the machine, so the
+    head is started here in its own process group). The provider joins workers to GCS port 6379, so the head
+    uses it. `.config` is the autoscaling config file; stops every process it started and fails if any is left."""
+    import yaml
+
+    base = Path(tempfile.mkdtemp(prefix="cdl-as-", dir="/tmp"))
+    (base / "auth_token").write_text(secrets.token_hex(32))
+    config = base / "autoscaling.yaml"
+    config.write_text(yaml.safe_dump(fake_autoscaling_config(worker_types, max_workers)))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
+        "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(base / "auth_token"),
+        "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+        "PYTHONPATH": str(ROOT), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    address = "127.0.0.1:6379"
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", f"--autoscaling-config={config}", "--num-cpus=0", "--num-gpus=0",
+         "--port=6379", f"--temp-dir={base / 'ray'}", "--include-dashboard=false", "--disable-usage-stats"],
+        env=env, stdout=(base / "head.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not alive_nodes(address, env):
+            assert head.poll() is None and time.monotonic() < deadline, (base / "head.log").read_text()[-3000:]
+            time.sleep(1)
+        yield SimpleNamespace(address=address, env=env, config=config, base=base)
+    finally:
+        stop_process_group(head)  # the head, its monitor and the worker nodes the monitor's provider started
+        time.sleep(2)
+        left = subprocess.run(["pgrep", "-f", str(base)], capture_output=True, text=True).stdout.split()
+        for pid in left:
+            os.kill(int(pid), signal.SIGKILL)
+        shutil.rmtree(base, ignore_errors=True)
+        assert not left, f"processes of the autoscaling test cluster were still running: {left}"

@@ -89,7 +89,8 @@ CASES = {
                                  "cannot use the Optuna storage notaurl (ArgumentError"),
     "--optuna-storage whose database driver is not installed": (
         ["orchestrator.sweep", "--space", "{tmp}/tiny.py", *STORES, "--optuna-storage", "postgresql://cdl@127.0.0.1:9/optuna"],
-        "the database driver for the Optuna storage postgresql://cdl@127.0.0.1:9/optuna is not installed; install psycopg2-binary"),
+        "the database driver for the Optuna storage postgresql://cdl@127.0.0.1:9/optuna is not installed; install psycopg2-binary "
+        "(pip install -e '.[cluster]') and name it in the URL: postgresql+psycopg2://cdl@127.0.0.1:9/optuna"),
     "unreachable MLflow for the sweep": (["orchestrator.sweep", "--space", "{tmp}/tiny.py", *STORES, "--tracking-uri", "http://127.0.0.1:9"],
                                          "cannot reach MLflow at http://127.0.0.1:9"),
     "teacher store on an unknown filesystem (sweep)": (

@@ -1,5 +1,5 @@
-"""A real multi-node Ray cluster on this machine, and the sweep surviving a killed trial worker and a killed
-driver.
+"""A fixed multi-node Ray cluster on this machine, and the sweep surviving a killed trial worker and a killed
+driver. (A sweep across nodes the autoscaler adds, and the loss of a whole node: test_autoscaling_e2e.py.)
 
 The fixture starts the nodes the way the cluster launcher does: `ray start --head` and `ray start --address`
 as separate processes, each with its own temp dir and one CPU, with Ray's token authentication (as `ray up`
@@ -8,20 +8,18 @@ fixture stops every process it started and checks that none is left.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from sweep_checks import (
-    COMPLETE, KD_ALPHA, TINY, check_optuna_matches_mlflow, check_tracked_sweep, mlflow_runs,
-    optuna_trials, ray_nodes, steps, tune_rows, write_space,
+    COMPLETE, KD_ALPHA, TINY, check_optuna_matches_mlflow, check_tracked_sweep, finish, mlflow_runs,
+    optuna_trials, ray_nodes, rows_so_far, steps, tune_rows, wait_for, write_space,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("forbid_demo_pretraining")]
@@ -38,56 +36,6 @@ def sweep(cluster, workdir: Path, *args: str, log: str = "sweep.log") -> subproc
         [sys.executable, "-m", "orchestrator.sweep", "--address", cluster.address, *args],
         cwd=workdir, env=cluster.env, stdout=(workdir / log).open("w"), stderr=subprocess.STDOUT, start_new_session=True,
     )
-
-
-def finish(process: subprocess.Popen, workdir: Path, log: str = "sweep.log", timeout: float = 400) -> str:
-    try:
-        process.wait(timeout=timeout)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    text = (workdir / log).read_text()
-    assert process.returncode == 0, text[-4000:]
-    return text
-
-
-def wait_for(condition, process: subprocess.Popen, workdir: Path, what: str, timeout: float = 300, log: str = "sweep.log"):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert process.poll() is None, f"the sweep ended before {what}: " + (workdir / log).read_text()[-3000:]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-    return value
-
-
-def rows_so_far(workdir: Path, name: str) -> dict[str, list[dict]]:
-    try:
-        return tune_rows(workdir / "ray_results" / name)
-    except (json.JSONDecodeError, IndexError):  # a line being written, or a result file not yet started
-        return {}
-
-
-# -- the smoke space on two nodes --------------------------------------------------------------------------------
-def test_the_smoke_sweep_runs_across_two_nodes_and_mlflow_and_optuna_hold_everything(cluster, tmp_path):
-    space = tmp_path / "smoke_synthetic.py"
-    space.write_text(
-        "from dataclasses import replace\n\nfrom search_spaces.smoke import SPACE as SMOKE\n\n"
-        f"SPACE = replace(SMOKE, name='smoke_synthetic', datasets=['synthetic'], methods=['l2p'], "
-        f"kd_methods=['kd', 'dcdl'], trials_per_cell=2, base={TINY!r})\n"
-    )
-    start = time.monotonic()
-    finish(sweep(cluster, tmp_path, "--space", str(space), "--name", "multinode"), tmp_path)
-    minutes = (time.monotonic() - start) / 60
-    rows = tune_rows(tmp_path / "ray_results" / "multinode")
-    assert len(rows) == 2 * 2 + 1  # 2 KD cells (kd, dcdl) x 2 trials + the cell alone
-    used = {row["node_id"] for trial in rows.values() for row in trial}
-    assert len(used) == 2 and used <= cluster.node_ids, (used, cluster.node_ids)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    children = check_tracked_sweep(uri, "multinode", "multinode", n_tasks=5, expected_trials=5)
-    assert {c.data.tags["node_id"] for c in children} == used
-    check_optuna_matches_mlflow(f"sqlite:///{tmp_path / 'optuna.db'}", "multinode", MlflowClient(uri), children)
-    print(f"multi-node smoke sweep: {minutes:.1f} min")
 
 
 # -- a trial's worker process is killed mid-sequence ------------------------------------------------------------

@@ -115,7 +115,9 @@ def sweep_args(tmp_path: Path, space_file: str, *extra: str) -> list[str]:
 
 @pytest.mark.parametrize("url, message", [
     ("notaurl", "error: cannot use the Optuna storage notaurl (ArgumentError"),
-    ("postgresql://u@127.0.0.1:9/db", "error: the database driver for the Optuna storage postgresql://u@127.0.0.1:9/db is not installed; install psycopg2-binary"),
+    ("postgresql://u@127.0.0.1:9/db", "error: the database driver for the Optuna storage postgresql://u@127.0.0.1:9/db is not installed; "
+                                      "install psycopg2-binary (pip install -e '.[cluster]') and name it in the URL: postgresql+psycopg2://u@127.0.0.1:9/db"),
+    ("postgresql+psycopg2://u@127.0.0.1:9/db", "error: cannot use the Optuna storage postgresql+psycopg2://u@127.0.0.1:9/db (OperationalError"),
 ])
 def test_a_bad_optuna_storage_stops_the_sweep_before_ray_and_leaves_nothing_to_resume(tmp_path, capsys, url, message):
     import ray

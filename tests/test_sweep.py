@@ -9,16 +9,20 @@ from types import SimpleNamespace
 
 import optuna
 import pytest
+import yaml
 from ray.tune.schedulers import TrialScheduler
 from ray.tune.search import Searcher
 
-from orchestrator import sweep
+from orchestrator import capacity, sweep
+from orchestrator.capacity import Fit, NodeType, node_types, plan_fit, trial_demand
 from orchestrator.pruning import CellStudies, OptunaPruningScheduler, PerCellOptunaSearch
 from orchestrator.space import SpaceError, SweepSpace, available_spaces, load_space
-from orchestrator.sweep import SweepError, check_resources, main, make_plan
+from orchestrator.sweep import SweepError, main, make_plan
 from orchestrator.artifacts import save_matrix_artifacts
 from orchestrator.tracking import flatten, trial_status
 from search_spaces import full, paper, smoke
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("forbid_demo_pretraining")
 
@@ -371,18 +375,87 @@ def test_dry_run_applies_resource_overrides(capsys):
 
 
 # -- resource check ----------------------------------------------------------------------------------------------
-def test_resource_check_names_the_missing_gpu():
+def fit_here(space, live, types=None, trials=10, max_concurrent=0):
+    return plan_fit(space.name, trial_demand(space.cpus_per_trial, space.gpus_per_trial), live, types, trials, max_concurrent)
+
+
+def test_resource_check_names_what_the_largest_node_lacks():
     space = load_space("full")
-    with pytest.raises(SweepError, match=r"1 GPU per trial but the cluster has 0") as info:
-        check_resources(space, {"CPU": 2.0})
-    assert "4 CPU per trial but the cluster has 2" in str(info.value) and "--gpus-per-trial" in str(info.value)
-    check_resources(space, {"CPU": 8.0, "GPU": 1.0})
+    with pytest.raises(SweepError, match=r"a trial asks for 4 CPU, 1 GPU on one node but the largest node has 2 CPU, 0 GPU") as info:
+        fit_here(space, [{"CPU": 2.0}])
+    assert "--gpus-per-trial" in str(info.value) and "--cluster-config" in str(info.value)
+    with pytest.raises(SweepError, match=r"largest node has 2 CPU, 1 GPU"):  # enough in all, but not on one node
+        fit_here(space, [{"CPU": 4.0}, {"CPU": 2.0, "GPU": 1.0}])
+    assert fit_here(space, [{"CPU": 8.0, "GPU": 1.0}]) == Fit(None, 0)
 
 
 def test_resource_check_passes_for_a_cpu_space_that_fits():
-    check_resources(load_space("smoke"), {"CPU": 2.0})
-    with pytest.raises(SweepError, match=r"1 CPU per trial but the cluster has 0"):
-        check_resources(load_space("smoke"), {})
+    assert fit_here(load_space("smoke"), [{"CPU": 2.0}]) == Fit(None, 0)
+    with pytest.raises(SweepError, match=r"asks for 1 CPU, 0 GPU on one node but the largest node has 0 CPU"):
+        fit_here(load_space("smoke"), [{}])
+
+
+# The node types of ray_cluster.yaml, as the autoscaler reads them from the config `ray up` leaves on the head.
+CLUSTER_TYPES = node_types(yaml.safe_load((ROOT / "ray_cluster.yaml").read_text()))
+
+
+def test_a_head_alone_waits_for_the_autoscaler_and_asks_it_for_the_sweeps_concurrency():
+    assert {t.name: (t.resources, t.max_workers) for t in CLUSTER_TYPES} == {
+        "gpu": ({"CPU": 4.0, "GPU": 1.0}, 8), "gpu4": ({"CPU": 48.0, "GPU": 4.0}, 2)}
+    fit = fit_here(load_space("full"), [{}], CLUSTER_TYPES, trials=4086)  # right after `ray up`: the 0-CPU head
+    assert fit.waiting.startswith("waiting for the autoscaler: 4086 trials pending, each needs 4 CPU, 1 GPU, which "
+                                  "node type 'gpu' holds (4 CPU, 1 GPU a node, up to 8 nodes)")
+    assert fit.request == 8 * 1 + 2 * 4  # every trial the autoscaler can make room for at once
+    assert fit_here(load_space("full"), [{}], CLUSTER_TYPES, trials=4086, max_concurrent=5).request == 5
+    assert fit_here(load_space("full"), [{}], CLUSTER_TYPES, trials=3).request == 3
+    # a worker is up already: no waiting, but room is still asked for the rest
+    assert fit_here(load_space("full"), [{}, {"CPU": 4.0, "GPU": 1.0}], CLUSTER_TYPES, trials=100) == Fit(None, 17)
+
+
+def test_a_trial_no_node_type_holds_is_refused_naming_the_largest_type():
+    space = load_space("full")
+    space.gpus_per_trial = 8
+    with pytest.raises(SweepError) as info:
+        fit_here(space, [{}], CLUSTER_TYPES)
+    assert str(info.value).startswith("space 'full' cannot run on this cluster: a trial asks for 4 CPU, 8 GPU, and neither a "
+                                      "node that is up nor a node type the autoscaler can add holds it (the largest type, "
+                                      "'gpu4', has 48 CPU, 4 GPU)")
+    no_more = [NodeType("gpu", {"CPU": 4.0, "GPU": 1.0}, 0)]  # max_workers 0: nothing can be added
+    with pytest.raises(SweepError, match="largest node has 0 CPU, 0 GPU"):
+        fit_here(load_space("full"), [{}], no_more)
+
+
+def test_a_lab_cluster_whose_servers_are_still_joining_waits_instead_of_refusing():
+    from ray.autoscaler._private.util import prepare_config
+
+    # Ray's local provider: one node type for the head and the listed servers, with no declared resources
+    lab = node_types(prepare_config(yaml.safe_load((ROOT / "ray_cluster_local.yaml").read_text())))
+    assert lab == [NodeType("local.cluster.node", {}, 2)]
+    fit = fit_here(load_space("full"), [{}], lab)
+    assert "node types 'local.cluster.node' declare no resources" in fit.waiting and fit.request == 0
+    # where Ray fills the head type's max_workers with 0 (every other provider), it adds nothing
+    assert node_types(prepare_config(yaml.safe_load((ROOT / "ray_cluster.yaml").read_text()))) == CLUSTER_TYPES
+
+
+def test_the_autoscaling_config_is_found_from_the_flag_the_head_monitor_or_ray_ups_bootstrap_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    proc = tmp_path / "proc"
+    config = tmp_path / "autoscaling.yaml"
+    config.write_text("available_node_types: {}\n")
+    (proc / "41").mkdir(parents=True)
+    (proc / "41" / "cmdline").write_bytes(b"\0".join([b"python", b"-u", b"/x/ray/autoscaler/_private/monitor.py",
+                                                       b"--gcs-address=10.0.0.1:6379", f"--autoscaling-config={config}".encode()]))
+    assert capacity.monitor_config("10.0.0.1:6379", proc) == config
+    assert capacity.monitor_config("10.0.0.2:6379", proc) is None  # another cluster's monitor
+    assert capacity.find_autoscaling_config(None, "10.0.0.9:6379") is None
+    (tmp_path / "ray_bootstrap_config.yaml").write_text("available_node_types: {}\n")
+    assert capacity.find_autoscaling_config(None, "10.0.0.9:6379") == tmp_path / "ray_bootstrap_config.yaml"
+    assert capacity.find_autoscaling_config(str(config), "10.0.0.9:6379") == config
+    with pytest.raises(SweepError, match=r"--cluster-config /nowhere.yaml: no such file"):
+        capacity.find_autoscaling_config("/nowhere.yaml", "10.0.0.9:6379")
+    config.write_text("just: text\n")
+    with pytest.raises(SweepError, match=r"has no available_node_types"):
+        capacity.read_config(config)
 
 
 def test_gpus_per_trial_zero_on_the_command_line_makes_a_gpu_space_fit(monkeypatch):
@@ -390,7 +463,7 @@ def test_gpus_per_trial_zero_on_the_command_line_makes_a_gpu_space_fit(monkeypat
 
     def fake_run_sweep(space, plan, args):  # what run_sweep does first, with this machine's resources
         seen["space"] = space
-        check_resources(space, {"CPU": 2.0})
+        fit_here(space, [{"CPU": 2.0}])
         return 0
 
     monkeypatch.setattr(sweep, "run_sweep", fake_run_sweep)

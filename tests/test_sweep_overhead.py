@@ -32,7 +32,9 @@ def bench(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
 def test_both_sides_of_the_overhead_bench_run_every_trial_and_every_report(bench, tmp_path):
     ours, bare = bench.compare_sweeps(trials=4, reports=2, workdir=tmp_path)  # reports = tasks: 2 divides the 10 classes
     assert (ours.trials, ours.reports) == (4, 8)
+    assert ours.optuna_trials == 4  # every Optuna trial COMPLETE with both reports
     assert (bare.trials, bare.reports) == (4, 8)
+    assert ours.memory[-1][0] == 4 and ours.peak_mb() >= ours.peak_mb(2) > 50  # samples of trials started and RSS
     assert ours.seconds > 0 and bare.seconds > 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from cdl_core.catalog.params import even_length, resolve_method_params
+from cdl_core.catalog.params import at_least_one, even_length, resolve_method_params
 from cdl_core.catalog.presets import BackbonePreset
 from cdl_core.catalog.prompts import PromptParams
 from cdl_core.errors import ConfigError
@@ -68,9 +68,7 @@ class CDLPromptParams(KDParams):
 
     def check(self) -> None:
         for name in ("components", "length", "active_components"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"{SECTION}.{name}={value} must be at least 1")
+            at_least_one(SECTION, name, getattr(self, name))
         if self.length is not None and self.length % 2:
             raise ConfigError(f"{SECTION}.length={self.length} must be even (key + value halves)")
 
@@ -98,8 +96,7 @@ class DCDLParams(KDParams):
     length: int = 6  # tokens of each KD prefix: length/2 key + length/2 value tokens
 
     def check(self) -> None:
-        if self.layers < 1:
-            raise ConfigError(f"{SECTION}.layers={self.layers} must be at least 1 (layer 0 holds the KD token)")
+        at_least_one(SECTION, "layers", self.layers, " (layer 0 holds the KD token)")
         even_length(SECTION, "length", self.length)
 
 
@@ -132,8 +129,7 @@ class ReviewKDParams(KDParams):
     blocks: int | None = None  # n: the student's last n blocks against the teacher's last n; None: the student's depth
 
     def check(self) -> None:
-        if self.blocks is not None and self.blocks < 1:
-            raise ConfigError(f"{SECTION}.blocks={self.blocks} must be at least 1")
+        at_least_one(SECTION, "blocks", self.blocks)
 
     def n_blocks(self, student_depth: int) -> int:
         return self.blocks or student_depth

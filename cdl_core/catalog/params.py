@@ -35,6 +35,12 @@ def resolve_method_params(registry: dict[str, type[P]], kind: str, section: str,
     return params
 
 
+def at_least_one(section: str, name: str, value: int | None, why: str = "") -> None:
+    """None passes: the field falls back to a default."""
+    if value is not None and value < 1:
+        raise ConfigError(f"{section}.{name}={value} must be at least 1{why}")
+
+
 def even_length(section: str, name: str, value: int) -> None:
     if value < 2 or value % 2:
         raise ConfigError(f"{section}.{name}={value} must be an even number >= 2 (key + value halves)")
