@@ -39,8 +39,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_step import OfficialStyleStep, check_same_step  # noqa: E402
+from step_worker import TASK, prepare  # noqa: E402
 
-from cdl_core.config import RunConfig  # noqa: E402
 from cdl_core.distill import TaskClasses  # noqa: E402
 from cdl_core.learner import ContinualRun  # noqa: E402
 
@@ -48,30 +48,12 @@ METHODS = ("coda", "l2p", "dualprompt")
 ALL_PROMPTS = ("coda", "l2p", "dualprompt", "apt")
 ALL_KD = ("none", "kd", "dkd", "fitnets", "reviewkd", "deit", "dcdl", "cdl_prompt")
 ROOT = Path(__file__).resolve().parent.parent
-TASK = 1  # a task after the first: earlier CODA components are frozen and past classes are masked
 
 
 def build(args: argparse.Namespace, method: str) -> tuple[ContinualRun, torch.Tensor, torch.Tensor, TaskClasses]:
-    """A run on a tiny synthetic stream (only its class count matters) with the models as after task TASK began,
-    and one random batch of the backbones' input size."""
-    cfg = RunConfig.from_dict({
-        "data": {"name": "synthetic", "n_tasks": 5, "train_per_class": 2, "test_per_class": 1, "val_fraction": 0.0},
-        "student": {"preset": args.pair[1], "weights": "random"}, "teacher": {"preset": args.pair[0], "weights": "random"},
-        "prompt": {"method": method}, "distill": {"method": "cdl_prompt"},
-        "train": {"device": args.device, "precision": args.precision, "compile": args.compile, "batch_size": args.batch_size},
-    })
-    run = ContinualRun(cfg)
-    for model in (run.teacher, run.student):
-        for t in range(TASK + 1):
-            model.prompt.begin_task(t)
-        model.train()
-    task = run.stream.tasks[TASK]
-    classes = TaskClasses(past=task.classes[0], seen=task.classes[-1] + 1)
-    generator = torch.Generator().manual_seed(0)
-    size = run.student_backbone.image_size
-    images = torch.randn(args.batch_size, 3, size, size, generator=generator).to(run.device)
-    targets = torch.randint(classes.past, classes.seen, (args.batch_size,), generator=generator).to(run.device)
-    return run, images, targets, classes
+    """The CDL-Prompt run of `method` as after task TASK began, with one random batch (step_worker.prepare)."""
+    return prepare({"pair": args.pair, "prompt": method, "kd": "cdl_prompt", "device": args.device,
+                    "precision": args.precision, "compile": args.compile, "batch_size": args.batch_size})
 
 
 IMPLS = ("ours", "ours_cached", "reference")

@@ -19,14 +19,16 @@ from pathlib import Path
 TASK = 1  # a task after the first: earlier CODA components are frozen and past classes are masked
 
 
-def build_step(settings: dict):
+def prepare(settings: dict):
+    """A run on a tiny synthetic stream (only its class count matters) with the models as after task TASK began,
+    and one random batch of the backbones' input size: (run, images, targets, classes). Imports the `cdl_core`
+    first on sys.path, so it serves bench/step_throughput.py's working tree and a revision's tree alike."""
     import torch
 
     from cdl_core.config import RunConfig
     from cdl_core.distill import TaskClasses
     from cdl_core.learner import ContinualRun
 
-    torch.set_num_threads(settings["threads"])
     teacher, student = settings["pair"]
     raw = {
         "data": {"name": "synthetic", "n_tasks": 5, "train_per_class": 2, "test_per_class": 1, "val_fraction": 0.0},
@@ -49,6 +51,14 @@ def build_step(settings: dict):
     size = run.student_backbone.image_size
     images = torch.randn(settings["batch_size"], 3, size, size, generator=generator).to(run.device)
     targets = torch.randint(classes.past, classes.seen, (settings["batch_size"],), generator=generator).to(run.device)
+    return run, images, targets, classes
+
+
+def build_step(settings: dict):
+    import torch
+
+    torch.set_num_threads(settings["threads"])
+    run, images, targets, classes = prepare(settings)
     make_optimizer = run.trainer.optimizer if hasattr(run, "trainer") else run._optimizer  # before the learner's split
     optimizer, _ = make_optimizer(run.student)
     synchronize = torch.cuda.synchronize if run.device.type == "cuda" else (lambda: None)

@@ -33,6 +33,13 @@ class Fit:
     """How a sweep starts: at once on nodes that are up, or waiting for the autoscaler (`waiting` says so)."""
     waiting: str | None
     request: int  # trials to ask the autoscaler room for at once; 0: ask nothing
+    concurrency: int = 1  # trials that can run at once, on the nodes up and those the autoscaler can add
+
+    @property
+    def pending_trials(self) -> int:
+        """Trials Tune should keep placed ahead: each trial's placement and process start then overlaps the ones
+        running, instead of following the trial before it (Tune keeps one pending for a searcher of its own)."""
+        return 2 * max(self.concurrency, 1)
 
 
 def trial_demand(cpus: float, gpus: float) -> dict[str, float]:
@@ -112,26 +119,27 @@ def plan_fit(space_name: str, demand: dict[str, float], live: list[dict[str, flo
              trials: int, max_concurrent: int) -> Fit:
     """Start now, wait for the autoscaler, or refuse (SweepError) when no node up and no node type holds a trial.
     `types` None: no autoscaling config was found (a fixed cluster, or a driver away from the head)."""
-    fits_live = any(trials_per_node(node, demand) >= 1 for node in live)
+    live_room = sum(trials_per_node(node, demand) for node in live if trials_per_node(node, demand) >= 1)
+    fits_live = live_room > 0
     addable = [t for t in types or [] if t.max_workers > 0]
     fitting = [t for t in addable if trials_per_node(t.resources, demand) >= 1]
     undeclared = [t for t in addable if not t.resources]
     wanted = min(trials, max_concurrent or trials)
     if fitting:
         room = sum(t.max_workers * min(trials_per_node(t.resources, demand), trials) for t in fitting)
-        request = min(wanted, room + sum(trials_per_node(node, demand) for node in live if trials_per_node(node, demand) >= 1))
+        request = min(wanted, room + live_room)
         if fits_live:
-            return Fit(None, request)
+            return Fit(None, request, request)
         needed = min(fitting, key=lambda t: (t.resources.get("GPU", 0), t.resources.get("CPU", 0)))
         return Fit(f"waiting for the autoscaler: {trials} trials pending, each needs {describe(demand)}, which node type "
                    f"{needed.name!r} holds ({describe(needed.resources)} a node, up to {needed.max_workers} nodes); "
-                   "`ray status` shows the nodes it adds", request)
+                   "`ray status` shows the nodes it adds", request, request)
     if fits_live:
-        return Fit(None, 0)
+        return Fit(None, 0, min(wanted, live_room))
     if undeclared:
         return Fit(f"waiting for the autoscaler: {trials} trials pending, each needs {describe(demand)}; node types "
                    f"{', '.join(repr(t.name) for t in undeclared)} declare no resources, so whether one holds a trial "
-                   "shows only once it starts: watch `ray status`", 0)
+                   "shows only once it starts: watch `ray status`", 0, min(wanted, sum(t.max_workers for t in undeclared)))
     if addable:
         largest = max(addable, key=lambda t: (t.resources.get("GPU", 0), t.resources.get("CPU", 0)))
         raise SweepError(

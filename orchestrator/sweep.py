@@ -8,11 +8,12 @@ sqlite:///optuna.db (both in the working directory), Tune results under ./ray_re
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,6 +193,23 @@ def teacher_store_location(args: argparse.Namespace) -> str:
     return f"{storage_location(args).rstrip('/')}/teachers"
 
 
+@contextlib.contextmanager
+def pending_trials(count: int | None) -> Iterator[None]:
+    """Let Tune keep `count` trials placed ahead (None: its own rule). For a searcher of its own, without
+    --max-concurrent, Tune keeps one: each trial's placement group and process start then wait for the trial before
+    it to be placed, and short trials run one at a time on a machine that holds two (bench/sweep_overhead.py: 117 s
+    -> 91 s for 40 trials). Read when the Tuner's loop starts; restored after, for the next sweep in this process."""
+    name, before = "TUNE_MAX_PENDING_TRIALS_PG", os.environ.get("TUNE_MAX_PENDING_TRIALS_PG")
+    if count is None or before is not None:  # a value the user set stays
+        yield
+        return
+    os.environ[name] = str(count)
+    try:
+        yield
+    finally:
+        del os.environ[name]
+
+
 # Task checkpoints kept per trial. A killed driver resumes each unfinished trial from the checkpoint its last
 # experiment snapshot names: with 2 kept, that is its latest task or the one before (redone; MLflow and Optuna
 # skip the task they already have). With 1 kept, Tune would snapshot the whole experiment (every trial's state,
@@ -320,7 +338,8 @@ def run_sweep(space: SweepSpace, plan: Plan, args: argparse.Namespace, trainable
                 ),
             )
         resume.write_record(experiment_path, now)
-        grid = tuner.fit()
+        with pending_trials(None if args.max_concurrent else fit.pending_trials):
+            grid = tuner.fit()
     finally:
         progress.close()
         if ray.is_initialized():

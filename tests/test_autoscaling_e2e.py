@@ -132,6 +132,7 @@ def test_a_trial_whose_node_is_lost_resumes_on_another_node_from_its_checkpoint_
     assert after and after[0]["task"] == last_before + 1 and after[0]["iterations_since_restore"] == 1  # from its checkpoint
     assert lost not in alive_nodes(cluster.address, cluster.env)
     assert sum(r["trained_teacher_task"] for r in rows) == n_tasks  # each teacher task trained and stored once
+    assert after[0]["trained_teacher_task"] == 1  # the teacher task the lost node was training, taken over
 
     client, _, (run,) = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "nodeloss")
     assert run.info.status == "FINISHED" and run.data.tags["status"] == "completed"

@@ -2,6 +2,7 @@
 the dry-run plan, the resource check, per-cell Optuna search and pruning driven by hand, and the MLflow helpers."""
 from __future__ import annotations
 
+import os
 import re
 import textwrap
 from pathlib import Path
@@ -390,7 +391,8 @@ def test_resource_check_names_what_the_largest_node_lacks():
 
 
 def test_resource_check_passes_for_a_cpu_space_that_fits():
-    assert fit_here(load_space("smoke"), [{"CPU": 2.0}]) == Fit(None, 0)
+    assert fit_here(load_space("smoke"), [{"CPU": 2.0}]) == Fit(None, 0, 2)  # two trials at once, nothing to ask for
+    assert fit_here(load_space("smoke"), [{"CPU": 2.0}], max_concurrent=1).concurrency == 1
     with pytest.raises(SweepError, match=r"asks for 1 CPU, 0 GPU on one node but the largest node has 0 CPU"):
         fit_here(load_space("smoke"), [{}])
 
@@ -409,7 +411,8 @@ def test_a_head_alone_waits_for_the_autoscaler_and_asks_it_for_the_sweeps_concur
     assert fit_here(load_space("full"), [{}], CLUSTER_TYPES, trials=4086, max_concurrent=5).request == 5
     assert fit_here(load_space("full"), [{}], CLUSTER_TYPES, trials=3).request == 3
     # a worker is up already: no waiting, but room is still asked for the rest
-    assert fit_here(load_space("full"), [{}, {"CPU": 4.0, "GPU": 1.0}], CLUSTER_TYPES, trials=100) == Fit(None, 17)
+    assert fit_here(load_space("full"), [{}, {"CPU": 4.0, "GPU": 1.0}], CLUSTER_TYPES, trials=100) == Fit(None, 17, 17)
+    assert fit.concurrency == 16 and fit.pending_trials == 32  # trials Tune places ahead, so starts overlap runs
 
 
 def test_a_trial_no_node_type_holds_is_refused_naming_the_largest_type():
@@ -787,3 +790,17 @@ def test_the_teacher_sharing_handle_every_trial_unpickles_does_not_import_torch(
             "pickle.loads(pickle.dumps(TeacherSharing('/tmp/store', 'leases'))); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_tune_keeps_as_many_trials_placed_ahead_as_can_run_at_once_and_a_users_setting_wins(monkeypatch):
+    from ray.tune.execution.tune_controller import _get_max_pending_trials
+
+    searcher = PerCellOptunaSearch.__new__(PerCellOptunaSearch)  # a searcher of its own: Tune's rule keeps one pending
+    monkeypatch.delenv("TUNE_MAX_PENDING_TRIALS_PG", raising=False)
+    assert _get_max_pending_trials(searcher) == 1
+    with sweep.pending_trials(Fit(None, 0, 3).pending_trials):
+        assert _get_max_pending_trials(searcher) == 6
+    assert "TUNE_MAX_PENDING_TRIALS_PG" not in os.environ  # the next sweep in this process starts from Tune's rule
+    monkeypatch.setenv("TUNE_MAX_PENDING_TRIALS_PG", "5")
+    with sweep.pending_trials(6):
+        assert _get_max_pending_trials(searcher) == 5
