@@ -278,7 +278,8 @@ def ray_nodes(cpus: list[int]):
         yield SimpleNamespace(address=address, env=env, node_ids=set(node_ids))
     finally:
         for node in reversed(nodes):
-            stop_process_group(node)  # `ray start --block` and everything it started
+            # `ray start --block` and everything it started; it often outlasts a SIGTERM (SIGKILL of the group then)
+            stop_process_group(node, timeout=10)
         time.sleep(2)
         left = subprocess.run(["pgrep", "-f", str(base)], capture_output=True, text=True).stdout.split()
         for pid in left:  # fail the test, but never leave processes behind
@@ -336,7 +337,7 @@ def autoscaling_cluster(worker_types: dict[str, dict[str, float]], max_workers: 
             time.sleep(1)
         yield SimpleNamespace(address=address, env=env, config=config, base=base)
     finally:
-        stop_process_group(head)  # the head, its monitor and the worker nodes the monitor's provider started
+        stop_process_group(head, timeout=10)  # the head, its monitor and the worker nodes its provider started
         time.sleep(2)
         left = subprocess.run(["pgrep", "-f", str(base)], capture_output=True, text=True).stdout.split()
         for pid in left:
