@@ -157,6 +157,39 @@ def rows_so_far(workdir: Path, name: str) -> dict[str, list[dict]]:
         return {}
 
 
+def sweep_cli(cluster, workdir: Path, *args: str, log: str = "sweep.log") -> subprocess.Popen:
+    """The sweep's CLI in its own process group, joined to `cluster` (.address, .env) as on a cluster's head."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.sweep", "--address", cluster.address, *args],
+        cwd=workdir, env=cluster.env, stdout=(workdir / log).open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+
+
+def one_trial_at_task_2(cluster, workdir: Path, name: str, kd: str) -> tuple[subprocess.Popen, list[dict]]:
+    """A sweep of one demo-t -> demo-s trial (5 tasks, its teacher trained through the store), started and waited
+    on until it has reported task 2: (the driver, the trial's rows so far)."""
+    space = write_space(workdir, name, KD_ALPHA, pairs=[("demo-t", "demo-s")], kd_methods=[kd], trials_per_cell=1,
+                        pruner="none", pruner_args={}, base=TINY | {"data.train_per_class": 30, "train.epochs": 2})
+    driver = sweep_cli(cluster, workdir, "--space", space, "--name", name)
+
+    def reported_task_2():
+        return next((rows for rows in rows_so_far(workdir, name).values() if len(rows) >= 2), None)
+
+    return driver, wait_for(reported_task_2, driver, workdir, "task 2 of the trial")
+
+
+def check_one_trial_tracked_once(workdir: Path, name: str, n_tasks: int):
+    """The sweep's one trial, after a failure it survived: one MLflow run, FINISHED, every task once, and one
+    Optuna trial, COMPLETE, with every task's intermediate value. Returns the run."""
+    client, _, (run,) = mlflow_runs(f"sqlite:///{workdir / 'mlflow.db'}", name)
+    assert run.info.status == "FINISHED" and run.data.tags["status"] == "completed"
+    assert steps(client, run.info.run_id) == list(range(1, n_tasks + 1))
+    assert steps(client, run.info.run_id, "test_avg_acc") == list(range(1, n_tasks + 1))
+    ((_, trials),) = optuna_trials(f"sqlite:///{workdir / 'optuna.db'}", name).items()
+    assert [t.state for t in trials] == [COMPLETE]
+    assert sorted(trials[0].intermediate_values) == list(range(1, n_tasks + 1))
+    return run
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,8 +16,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from sweep_checks import (
-    COMPLETE, KD_ALPHA, TINY, alive_nodes, autoscaling_cluster, check_optuna_matches_mlflow, check_tracked_sweep,
-    finish, mlflow_runs, optuna_trials, rows_so_far, steps, tune_rows, wait_for, write_space,
+    KD_ALPHA, TINY, alive_nodes, autoscaling_cluster, check_one_trial_tracked_once, check_optuna_matches_mlflow,
+    check_tracked_sweep, finish, one_trial_at_task_2, sweep_cli, tune_rows, write_space,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("forbid_demo_pretraining")]
@@ -35,16 +33,9 @@ def cluster():
         yield running
 
 
-def sweep(cluster, workdir: Path, *args: str, log: str = "sweep.log") -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.sweep", "--address", cluster.address, *args],
-        cwd=workdir, env=cluster.env, stdout=(workdir / log).open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
-
-
 def test_a_trial_no_node_type_holds_is_refused_in_one_line_naming_the_largest_type(cluster, tmp_path):
     space = write_space(tmp_path, "toobig", KD_ALPHA, pairs=[(None, "demo-s")], kd_methods=[], trials_per_cell=1)
-    process = sweep(cluster, tmp_path, "--space", space, "--name", "toobig", "--cpus-per-trial", "2")
+    process = sweep_cli(cluster, tmp_path, "--space", space, "--name", "toobig", "--cpus-per-trial", "2")
     process.wait(timeout=120)
     errors = [line for line in (tmp_path / "sweep.log").read_text().splitlines() if line.startswith("error:")]
     assert process.returncode == 2
@@ -63,7 +54,7 @@ def test_the_smoke_sweep_starts_on_the_head_alone_and_runs_on_the_workers_the_au
         f"trials_per_cell=2, base={TINY!r})\n"
     )
     start = time.monotonic()
-    text = finish(sweep(cluster, tmp_path, "--space", str(space), "--name", "autoscaled"), tmp_path)
+    text = finish(sweep_cli(cluster, tmp_path, "--space", str(space), "--name", "autoscaled"), tmp_path)
     minutes = (time.monotonic() - start) / 60
     assert (f"[sweep] waiting for the autoscaler: 3 trials pending, each needs 1 CPU, 0 GPU, which node type "
             f"'{WORKER_TYPE}' holds (1 CPU, 0 GPU a node, up to 2 nodes)") in text
@@ -106,16 +97,7 @@ def node_processes(node_id: str) -> list[int]:
 
 def test_a_trial_whose_node_is_lost_resumes_on_another_node_from_its_checkpoint_and_is_tracked_once(cluster, tmp_path):
     n_tasks = 5
-    space = write_space(tmp_path, "nodeloss", KD_ALPHA, pairs=[("demo-t", "demo-s")], kd_methods=["kd"],
-                        trials_per_cell=1, pruner="none", pruner_args={},
-                        base=TINY | {"data.train_per_class": 30, "train.epochs": 2})
-    driver = sweep(cluster, tmp_path, "--space", space, "--name", "nodeloss")
-
-    def reported_task_2():
-        trials = rows_so_far(tmp_path, "nodeloss")
-        return next((rows for rows in trials.values() if len(rows) >= 2), None)
-
-    before = wait_for(reported_task_2, driver, tmp_path, "task 2 of the trial")
+    driver, before = one_trial_at_task_2(cluster, tmp_path, "nodeloss", "kd")
     lost = before[-1]["node_id"]
     assert lost not in cluster.head
     for pid in node_processes(lost):  # the whole node at once: raylet, agents, workers
@@ -134,10 +116,5 @@ def test_a_trial_whose_node_is_lost_resumes_on_another_node_from_its_checkpoint_
     assert sum(r["trained_teacher_task"] for r in rows) == n_tasks  # each teacher task trained and stored once
     assert after[0]["trained_teacher_task"] == 1  # the teacher task the lost node was training, taken over
 
-    client, _, (run,) = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "nodeloss")
-    assert run.info.status == "FINISHED" and run.data.tags["status"] == "completed"
+    run = check_one_trial_tracked_once(tmp_path, "nodeloss", n_tasks)
     assert run.data.tags["node_id"] == after[-1]["node_id"]
-    assert steps(client, run.info.run_id) == list(range(1, n_tasks + 1))
-    ((_, trials),) = optuna_trials(f"sqlite:///{tmp_path / 'optuna.db'}", "nodeloss").items()
-    assert [t.state for t in trials] == [COMPLETE]
-    assert sorted(trials[0].intermediate_values) == list(range(1, n_tasks + 1))

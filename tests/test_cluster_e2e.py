@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from sweep_checks import (
-    COMPLETE, KD_ALPHA, TINY, check_optuna_matches_mlflow, check_tracked_sweep, finish, mlflow_runs,
-    optuna_trials, ray_nodes, rows_so_far, steps, tune_rows, wait_for, write_space,
+    COMPLETE, TINY, check_one_trial_tracked_once, check_optuna_matches_mlflow, check_tracked_sweep, finish, mlflow_runs,
+    one_trial_at_task_2, optuna_trials, ray_nodes, rows_so_far, sweep_cli, tune_rows, wait_for, write_space,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("forbid_demo_pretraining")]
@@ -31,26 +28,10 @@ def cluster():
         yield nodes
 
 
-def sweep(cluster, workdir: Path, *args: str, log: str = "sweep.log") -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.sweep", "--address", cluster.address, *args],
-        cwd=workdir, env=cluster.env, stdout=(workdir / log).open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
-
-
 # -- a trial's worker process is killed mid-sequence ------------------------------------------------------------
 def test_a_trial_whose_worker_is_killed_is_retried_from_its_last_task_and_tracked_once(cluster, tmp_path):
     n_tasks = 5
-    space = write_space(tmp_path, "workerkill", KD_ALPHA, pairs=[("demo-t", "demo-s")], kd_methods=["cdl_prompt"],
-                        trials_per_cell=1, pruner="none", pruner_args={},
-                        base=TINY | {"data.train_per_class": 30, "train.epochs": 2})
-    driver = sweep(cluster, tmp_path, "--space", space, "--name", "workerkill")
-
-    def reported_task_2():
-        trials = rows_so_far(tmp_path, "workerkill")
-        return next((rows for rows in trials.values() if len(rows) >= 2), None)
-
-    before = wait_for(reported_task_2, driver, tmp_path, "task 2 of the trial")
+    driver, before = one_trial_at_task_2(cluster, tmp_path, "workerkill", "cdl_prompt")
     killed = before[-1]["pid"]
     os.kill(killed, signal.SIGKILL)  # the Ray worker process running the trial
     finish(driver, tmp_path)
@@ -63,13 +44,7 @@ def test_a_trial_whose_worker_is_killed_is_retried_from_its_last_task_and_tracke
     assert after[0]["iterations_since_restore"] == 1  # ... in a restored trial, not from scratch
     assert sum(r["trained_teacher_task"] for r in rows) == n_tasks  # each teacher task stored once
 
-    client, _, (run,) = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "workerkill")
-    assert run.info.status == "FINISHED" and run.data.tags["status"] == "completed"
-    assert steps(client, run.info.run_id) == list(range(1, n_tasks + 1))
-    assert steps(client, run.info.run_id, "test_avg_acc") == list(range(1, n_tasks + 1))
-    ((cell, trials),) = optuna_trials(f"sqlite:///{tmp_path / 'optuna.db'}", "workerkill").items()
-    assert [t.state for t in trials] == [COMPLETE]
-    assert sorted(trials[0].intermediate_values) == list(range(1, n_tasks + 1))
+    check_one_trial_tracked_once(tmp_path, "workerkill", n_tasks)
 
 
 # -- the driver is killed mid-sweep -----------------------------------------------------------------------------
@@ -83,7 +58,7 @@ def test_a_killed_driver_resumes_without_rerunning_finished_trials_or_duplicatin
     n_tasks, n_trials = 5, 4
     space = write_space(tmp_path, "driverkill", SLOW_SECOND, pairs=[(None, "demo-s")], kd_methods=[],
                         trials_per_cell=n_trials, pruner="none", pruner_args={}, base=TINY | {"data.train_per_class": 30})
-    driver = sweep(cluster, tmp_path, "--space", space, "--name", "driverkill", "--max-concurrent", "2", log="first.log")
+    driver = sweep_cli(cluster, tmp_path, "--space", space, "--name", "driverkill", "--max-concurrent", "2", log="first.log")
 
     def one_done_one_midway():
         trials = rows_so_far(tmp_path, "driverkill")
@@ -100,7 +75,7 @@ def test_a_killed_driver_resumes_without_rerunning_finished_trials_or_duplicatin
     _, _, runs_before = mlflow_runs(client.tracking_uri, "driverkill")
     ended = {r.data.tags["tune_trial_id"]: r.info.end_time for r in runs_before if r.info.status == "FINISHED"}
 
-    finish(sweep(cluster, tmp_path, "--space", space, "--name", "driverkill", "--resume", log="resume.log"), tmp_path, log="resume.log")
+    finish(sweep_cli(cluster, tmp_path, "--space", space, "--name", "driverkill", "--resume", log="resume.log"), tmp_path, log="resume.log")
     after = tune_rows(tmp_path / "ray_results" / "driverkill")
     for tid in finished_before:  # not rerun: no row added
         assert after[tid] == before[tid]
