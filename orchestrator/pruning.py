@@ -43,24 +43,41 @@ class CellStudies:
 
     def study(self, cell: Cell) -> optuna.Study:
         if cell.key not in self._studies:
-            if self._storage is None:
-                self._storage = optuna.storages.get_storage(self.storage_url)
             study = optuna.create_study(
-                study_name=self.name(cell), storage=self._storage, direction="maximize", load_if_exists=True,
+                study_name=self.name(cell), storage=self.storage, direction="maximize", load_if_exists=True,
                 sampler=optuna.samplers.TPESampler(seed=self.space.sampler_seed), pruner=self.space.build_pruner(),
             )
-            if study.trials:  # a resumed driver: a sampler seeded as before would replay the settings already tried
-                study.sampler = optuna.samplers.TPESampler(seed=self.space.sampler_seed + len(study.trials))
+            tried = len(study.get_trials(deepcopy=False))
+            if tried:  # a resumed driver: a sampler seeded as before would replay the settings already tried
+                study.sampler = optuna.samplers.TPESampler(seed=self.space.sampler_seed + tried)
             self._studies[cell.key] = study
         return self._studies[cell.key]
 
-    def outcome(self, cell: Cell, number: int) -> optuna.trial.TrialState:
-        """The state of Optuna trial `number`, or of its latest retry (see PerCellOptunaSearch._retry)."""
-        trials = self.study(cell).trials
+    def outcomes(self, cell: Cell) -> dict[int, optuna.trial.TrialState]:
+        """The state of each Optuna trial of the cell, a retried one's being its latest retry's (see
+        PerCellOptunaSearch._retry); one read of the study for all of them."""
+        trials = self.study(cell).get_trials(deepcopy=False)
         retries = {t.user_attrs[RETRY_OF]: t.number for t in trials if RETRY_OF in t.user_attrs}
-        while number in retries:
-            number = retries[number]
-        return trials[number].state
+
+        def latest(number: int) -> int:
+            while number in retries:
+                number = retries[number]
+            return number
+
+        return {t.number: trials[latest(t.number)].state for t in trials}
+
+    def outcome(self, cell: Cell, number: int) -> optuna.trial.TrialState:
+        return self.outcomes(cell)[number]
+
+    def state(self, trial: optuna.Trial) -> optuna.trial.TrialState:
+        """What the storage holds for this trial now (one row, not the study)."""
+        return self.storage.get_trial(trial._trial_id).state
+
+    @property
+    def storage(self) -> optuna.storages.BaseStorage:
+        if self._storage is None:
+            self._storage = optuna.storages.get_storage(self.storage_url)
+        return self._storage
 
 
 class PerCellOptunaSearch(Searcher):
@@ -123,7 +140,7 @@ class PerCellOptunaSearch(Searcher):
         if trial_id not in self._live:  # after a driver restart: rebuild the handle from the storage
             key, number = self.assigned[trial_id]
             study = self.studies.study(self.cells[key])
-            self._live[trial_id] = optuna.trial.Trial(study, study.trials[number]._trial_id)
+            self._live[trial_id] = optuna.trial.Trial(study, study.get_trials(deepcopy=False)[number]._trial_id)
         return self._live[trial_id]
 
     def _retry(self, trial_id: str) -> optuna.Trial:
@@ -131,7 +148,7 @@ class PerCellOptunaSearch(Searcher):
         reopen a finished trial); `retry_of` links them, and `CellStudies.outcome` follows the link."""
         key, number = self.assigned[trial_id]
         cell, study = self.cells[key], self.studies.study(self.cells[key])
-        study.enqueue_trial(study.trials[number].params, user_attrs={RETRY_OF: number})
+        study.enqueue_trial(study.get_trials(deepcopy=False)[number].params, user_attrs={RETRY_OF: number})
         trial = study.ask()
         if self.space.tune:
             self.space.tune(trial, cell)  # define-by-run: suggesting again records the enqueued values as its params
@@ -147,10 +164,13 @@ class PerCellOptunaSearch(Searcher):
             return False
         if trial_id in self.pruned:  # pruned before a driver restart, then restored from its last checkpoint
             return True
-        self.ended.discard(trial_id)  # reporting again: an errored trial that --resume restarted
+        # Told finished (an errored trial that --resume restarted), or a handle rebuilt after a driver restart: Optuna
+        # may have recorded it FAIL. Any other report is of a trial this driver knows running: no read to check.
+        maybe_finished = trial_id in self.ended or trial_id not in self._live
+        self.ended.discard(trial_id)
         trial = self._trial(trial_id)
-        if self.studies.study(self.cells[self.assigned[trial_id][0]]).trials[trial.number].state.is_finished():
-            trial = self._retry(trial_id)  # an errored trial that --resume restarted: Optuna recorded it FAIL
+        if maybe_finished and self.studies.state(trial).is_finished():
+            trial = self._retry(trial_id)
         trial.report(value, step=task)
         if task < n_tasks and trial.should_prune():
             self.pruned[trial_id] = task

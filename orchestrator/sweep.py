@@ -350,11 +350,14 @@ def run_sweep(space: SweepSpace, plan: Plan, args: argparse.Namespace, trainable
     # stopped TERMINATED, just like a pruned one.
     studies = CellStudies(space, sweep, optuna_url)
     cells = {cell.key: cell for cell in plan.cells}
-    results = []
+    results, outcomes = [], {}
     for result in grid:
         if result.config is None:  # never started: the sweep was interrupted before this trial ran
             continue
-        state = studies.outcome(cells[result.config["cell"]], result.config["optuna_trial"])
+        key = result.config["cell"]
+        if key not in outcomes:
+            outcomes[key] = studies.outcomes(cells[key])
+        state = outcomes[key][result.config["optuna_trial"]]
         status = {TrialState.COMPLETE: "completed", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}.get(state, "interrupted")
         results.append({"cell": result.config["cell"], "status": status, "metrics": result.metrics or {}})
     print_summary(summarize(results, space.metric), space.metric)
