@@ -1,5 +1,5 @@
-"""The CDL student distillation step written the way the official code (IRVLUTD/CDL on GT-RIPL/CODA-Prompt)
-computes it — a yardstick for bench/step_throughput.py, never imported by the product.
+"""The CDL student distillation step (CDL-Prompt, or logit KD) written the way the official code (IRVLUTD/CDL on
+GT-RIPL/CODA-Prompt) computes it — a yardstick for bench/step_throughput.py, never imported by the product.
 
 Same math as `cdl_core` (checked by `check_same_step`: same loss and gradients on the same inputs and weights),
 with the official code's costs (DESIGN.md section 2):
@@ -7,8 +7,8 @@ with the official code's costs (DESIGN.md section 2):
   for every backbone parameter (the optimizer holds only prompts and heads, so they are thrown away);
 - a separate frozen query pass for the teacher and for the student, although both use the student-size ViT;
 - attention written by hand, materialising the softmax matrix, with prompts concatenated to keys and values;
-- the teacher's forward runs every step with autograd on; its blocks (and the student's blocks at the teacher's
-  prompt layers) build token-correlation matrices that nothing reads.
+- the teacher's forward runs every step with autograd on; its blocks (and, for CDL-Prompt, the student's blocks
+  at the teacher's prompt layers) build token-correlation matrices that nothing reads.
 It works on deep copies of a `ContinualRun`'s teacher and student, so both implementations start from the same
 weights and neither changes the other.
 """
@@ -109,12 +109,17 @@ def prompts(model: nn.Module, query: torch.Tensor, task_id: int, train: bool) ->
     return prefixes, loss
 
 
+KD_METHODS = ("cdl_prompt", "kd")
+
+
 class OfficialStyleStep:
-    """The CDL-Prompt student step (sequential schedule, frozen teacher) of a run, computed the official way."""
+    """The CDL-Prompt or logit-KD student step (sequential schedule, frozen teacher) of a run, computed the official
+    way."""
 
     def __init__(self, run: ContinualRun) -> None:
-        if run.teacher is None or run.student.kd is None or run.student.kd.name != "cdl_prompt":
-            raise ValueError("the reference step is CDL-Prompt's: give a run with a teacher and distill.method=cdl_prompt")
+        if run.teacher is None or run.student.kd is None or run.student.kd.name not in KD_METHODS:
+            raise ValueError(f"the reference step is one of {KD_METHODS}: give a run with a teacher and one of those distill.method")
+        self.kd = run.student.kd.name
         self.cfg = run.cfg
         self.teacher = copy.deepcopy(run.teacher)
         self.student = copy.deepcopy(run.student)
@@ -134,6 +139,11 @@ class OfficialStyleStep:
         teacher_logits = self.teacher.head(teacher_feature)
 
         own, prompt_loss = prompts(self.student, student_query, t, train=True)
+        current = slice(classes.past, classes.seen)
+        temperature, alpha = self.cfg.distill.temperature, self.cfg.distill.alpha
+        if self.kd == "kd":  # on the main head; the student's forward builds no correlations
+            logits = self.masked_logits(vit_cls_feature(self.student.backbone.vit, images, own), classes)
+            return (1 - alpha) * F.cross_entropy(logits, targets) + alpha * self.kl(logits[:, current], teacher_logits[:, current]) + prompt_loss
         mapping = self.student.kd.mapping
         prefixes = dict(own)
         for layer, (tk, tv) in teacher_prefixes.items():
@@ -145,16 +155,20 @@ class OfficialStyleStep:
                 mk, mv = torch.cat((ok.expand(len(images), -1, -1), mk), dim=1), torch.cat((ov.expand(len(images), -1, -1), mv), dim=1)
             prefixes[layer] = (mk, mv)
         feature = vit_cls_feature(self.student.backbone.vit, images, prefixes, correlations=tuple(teacher_prefixes))
+        ce = F.cross_entropy(self.masked_logits(feature, classes), targets)
+        kl = self.kl(self.student.kd.kd_head(feature)[:, current], teacher_logits[:, current])
+        return (1 - alpha) * ce + alpha * kl + prompt_loss
+
+    def masked_logits(self, feature: torch.Tensor, classes: TaskClasses) -> torch.Tensor:
         logits = self.student.head(feature)[:, : classes.seen].clone()
         logits[:, : classes.past] = float("-inf")  # past tasks' classes masked
-        ce = F.cross_entropy(logits, targets)
-        current = slice(classes.past, classes.seen)
-        temperature, alpha = self.cfg.distill.temperature, self.cfg.distill.alpha
-        kd_logits = self.student.kd.kd_head(feature)[:, current]
-        kl = nn.KLDivLoss(reduction="batchmean")(
-            F.log_softmax(kd_logits / temperature, dim=1), F.softmax(teacher_logits.detach()[:, current] / temperature, dim=1)
+        return logits
+
+    def kl(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        temperature = self.cfg.distill.temperature
+        return nn.KLDivLoss(reduction="batchmean")(
+            F.log_softmax(student / temperature, dim=1), F.softmax(teacher.detach() / temperature, dim=1)
         ) * temperature * temperature
-        return (1 - alpha) * ce + alpha * kl + prompt_loss
 
     def optimizer(self) -> torch.optim.Optimizer:
         tc = self.cfg.train

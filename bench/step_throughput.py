@@ -1,16 +1,19 @@
-"""The CDL-Prompt student distillation step: the product's (`ContinualRun.step`) against the official-style
-reference (bench/reference_step.py), side by side in one run, for CODA-Prompt, L2P and DualPrompt.
+"""The student distillation step (CDL-Prompt, or logit KD with `--kd kd`): the product's (`ContinualRun.step`)
+against the official-style reference (bench/reference_step.py), side by side in one run, for CODA-Prompt, L2P and
+DualPrompt.
 
 A step: the frozen query pass, the frozen teacher's forward (prompts and logits), the student's prompted forward
-with the mapped teacher prompts, the loss, backward and the Adam update. First both implementations are checked
+(with the mapped teacher prompts for CDL-Prompt), the loss, backward and the Adam update. First both implementations are checked
 to give the same loss and gradients on the same batch and weights; then each runs `--steps` steps per repeat,
 alternating, and the table shows the median img/s of each, the median of the per-repeat ratios, the product's
-step with precomputed frozen outputs (what it does from the second epoch on when augmentation is off), and the
+step with its frozen outputs given ("cached": what a student reads from the signal cache, and what every run does
+from the second epoch on when augmentation is off), and the
 peak memory one training step needs (each measured in a fresh process: peak RSS over two steps minus the RSS
 before them on CPU, torch's peak allocation on CUDA). Random weights (speed does not depend on them).
 
     python bench/step_throughput.py                                  # demo presets demo-t -> demo-s, batch 64, 1 thread
     python bench/step_throughput.py --paper --batch-size 16          # ViT-B -> ViT-S at 224 px (random weights)
+    python bench/step_throughput.py --paper --kd kd --table reference  # logit KD: what the signal cache serves
     python bench/step_throughput.py --device cuda --precision bf16 --compile   # on a GPU
 
 A second table times the student step of every (prompt method, distillation method) pair; with `--against REV`
@@ -38,7 +41,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reference_step import OfficialStyleStep, check_same_step  # noqa: E402
+from reference_step import KD_METHODS, OfficialStyleStep, check_same_step  # noqa: E402
 from step_worker import TASK, prepare  # noqa: E402
 
 from cdl_core.distill import TaskClasses  # noqa: E402
@@ -51,8 +54,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def build(args: argparse.Namespace, method: str) -> tuple[ContinualRun, torch.Tensor, torch.Tensor, TaskClasses]:
-    """The CDL-Prompt run of `method` as after task TASK began, with one random batch (step_worker.prepare)."""
-    return prepare({"pair": args.pair, "prompt": method, "kd": "cdl_prompt", "device": args.device,
+    """The run of `method` and `args.kd` as after task TASK began, with one random batch (step_worker.prepare)."""
+    return prepare({"pair": args.pair, "prompt": method, "kd": args.kd, "device": args.device,
                     "precision": args.precision, "compile": args.compile, "batch_size": args.batch_size})
 
 
@@ -131,7 +134,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a smoke-sweep trial's one CPU)")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory measurement")
     parser.add_argument("--table", choices=["reference", "methods", "both"], default="both",
-                        help="reference: CDL-Prompt against the official-style step; methods: every method pair's step")
+                        help="reference: the student step against the official-style one; methods: every method pair's step")
+    parser.add_argument("--kd", default="cdl_prompt", choices=KD_METHODS, help="the distillation method of the reference table")
     parser.add_argument("--prompts", nargs="+", default=list(ALL_PROMPTS), help="prompt methods of the methods table")
     parser.add_argument("--kd-methods", nargs="+", default=list(ALL_KD), help="distillation methods of the methods table")
     parser.add_argument("--against", metavar="REV", help="time each step of the methods table beside git revision REV's")
@@ -236,7 +240,7 @@ def methods_table(args: argparse.Namespace) -> list[dict]:
 
 def reference_table(args: argparse.Namespace) -> list[dict]:
     where = _where(args)
-    print(f"CDL-Prompt student step, {args.pair[0]} -> {args.pair[1]}, batch {args.batch_size}, {where}, torch {torch.__version__}, "
+    print(f"{args.kd} student step, {args.pair[0]} -> {args.pair[1]}, batch {args.batch_size}, {where}, torch {torch.__version__}, "
           f"ours: {args.precision}{' + compile' if args.compile else ''}; median of {args.repeats} runs x {args.steps} steps")
     header = f"{'method':<11} {'ours img/s':>10} {'reference':>10} {'ratio':>6} {'cached':>8} {'ratio':>6}"
     if args.memory:

@@ -177,6 +177,9 @@ class TrainConfig:
     # identity (a stored teacher trained in bf16 is not reused by an fp32 run).
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast the forward passes to bfloat16
     compile: bool = False  # torch.compile the backbone passes
+    # A stored teacher's students read their frozen signals (queries, teacher logits) from the teacher store, where
+    # the first of them stores them (cdl_core.signal_cache), while one teacher's would take at most this; 0: off.
+    signal_cache_max_gb: float = 8.0
 
     def validate(self) -> None:
         fill_from_protocol(self, "train", "official")
@@ -196,6 +199,8 @@ class TrainConfig:
         if self.num_workers < 0:
             raise ConfigError(f"train.num_workers={self.num_workers} must be >= 0")
         _one_of("train.precision", self.precision, ("fp32", "bf16"))
+        if self.signal_cache_max_gb < 0:
+            raise ConfigError(f"train.signal_cache_max_gb={self.signal_cache_max_gb} must be >= 0 (0 turns the signal cache off)")
 
 
 @dataclass

@@ -26,6 +26,7 @@ from cdl_core import metrics
 from cdl_core.backbones import create_backbone
 from cdl_core.config import RunConfig
 from cdl_core.data import ClassIncrementalStream, build_stream
+from cdl_core.data.draws import derive_seed
 from cdl_core.devices import resolve_device
 from cdl_core.distill import KDContext, TaskClasses, build_kd_method
 from cdl_core.errors import ConfigError
@@ -33,10 +34,11 @@ from cdl_core.evaluation import Evaluator
 from cdl_core.frozen_inputs import FrozenInputs, FrozenPasses
 from cdl_core.model import ContinualModel, make_head
 from cdl_core.prompts import build_prompt_method
+from cdl_core.signal_cache import stored_signals
 from cdl_core.teacher_identity import TRAINER_VERSION, content_key, teacher_identity, teacher_key  # noqa: F401 (re-exported)
 from cdl_core.teacher_source import JointTeacher, StoredTeacher, TeacherSource
 from cdl_core.teacher_store import TeacherStore
-from cdl_core.training import PhaseTrainer, derive_seed
+from cdl_core.training import PhaseTrainer
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +98,10 @@ class ContinualRun:
         # run's models alive until the garbage collector runs (tests/test_teacher_copies.py counts them).
         self.evaluator = Evaluator(self.stream, self.frozen, partial(self.trainer.loader, batch_size=cfg.train.eval_batch_size, shuffle=False))
         self.teacher_source = self._teacher_source(teacher_store, require_teacher, teacher_lock)
+        if isinstance(self.teacher_source, StoredTeacher):
+            n_train = sum(len(task.train) for task in self.stream.tasks)
+            self.trainer.signals = stored_signals(cfg, self.teacher_source.entry, self.teacher_source.lock, self.frozen,
+                                                  self.stream.n_classes, n_train, self.device)
         self.state = RunState()
         self.completed_tasks = 0
 

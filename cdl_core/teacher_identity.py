@@ -19,10 +19,11 @@ from cdl_core.errors import ConfigError
 # 2: frozen outputs precomputed per task without augmentation (batched differently: last-bit differences).
 # (A student's frozen teacher now selects prompts as at inference; that changes students, not teachers.)
 # 3: the protocol's fields (input scaling, lr schedule, dropped batches, validation fraction) enter the identity.
-TRAINER_VERSION = 3
+# 4: augmentation and batch order are functions of (seed, task, epoch[, image]) only, the same for teacher and student.
+TRAINER_VERSION = 4
 
 # What a teacher's training does not depend on: where things run and how evaluation is batched.
-_TRAIN_FIELDS_NOT_IN_TEACHER = ("device", "num_workers", "eval_batch_size")
+_TRAIN_FIELDS_NOT_IN_TEACHER = ("device", "num_workers", "eval_batch_size", "signal_cache_max_gb")
 _DATA_FIELDS_NOT_IN_TEACHER = ("root", "download")
 
 

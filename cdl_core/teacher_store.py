@@ -6,6 +6,7 @@ An entry is addressed by a key, the hash of everything the teacher's training de
     <root>/<key>/teacher.json    identity (the teacher's config) and what its first writer checked it against
     <root>/<key>/task_<t>.pt     the teacher's trainable state after task t
     <root>/<key>/task_<t>.json   commit record of task t: sha256 and size of task_<t>.pt, the accuracy rows
+    <root>/<key>/signals_<t>_<variant>.pt/.json   its students' frozen signals on task t (cdl_core.signal_cache)
 
 Every file is written under a temporary name and then moved into place, and a task counts as stored only
 once its commit record exists, which is written after its state file. A writer killed mid-entry therefore
@@ -151,24 +152,31 @@ class TeacherEntry:
 
     def has(self, task_id: int) -> bool:
         """Task committed: a record exists and the state file is there with the recorded size."""
-        record = self.record(task_id)
+        return self.has_file(f"task_{task_id}")
+
+    def has_file(self, stem: str) -> bool:
+        """`<stem>.pt` committed: its record `<stem>.json` exists and the file has the recorded size."""
+        record = self._read_json(f"{stem}.json")
         if record is None:
             return False
-        info = self.fs.get_file_info(self._file(f"task_{task_id}.pt"))
+        info = self.fs.get_file_info(self._file(f"{stem}.pt"))
         return info.type == pafs.FileType.File and info.size == record["size"]
 
     def load(self, task_id: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The teacher's trainable state after `task_id` and its commit record, checksum verified."""
-        record = self.record(task_id)
-        data = self._read(f"task_{task_id}.pt") if record is not None else None
+        return self.load_file(f"task_{task_id}", f"no stored task {task_id}; train the teacher first (run without --require-teacher)")
+
+    def load_file(self, stem: str, missing: str | None = None) -> tuple[Any, dict[str, Any]]:
+        """The tensors of committed `<stem>.pt` and its record, checksum verified; `missing` says what to do when
+        it is not there."""
+        record = self._read_json(f"{stem}.json")
+        data = self._read(f"{stem}.pt") if record is not None else None
         if data is None:
-            raise TeacherStoreError(
-                f"{self} has no stored task {task_id}; train the teacher first (run without --require-teacher)"
-            )
+            raise TeacherStoreError(f"{self} has {missing or f'no {stem}.pt'}")
         digest = hashlib.sha256(data).hexdigest()
         if digest != record["sha256"]:
             raise TeacherStoreError(
-                f"{self}: task_{task_id}.pt fails its checksum (sha256 {digest[:12]}..., recorded {record['sha256'][:12]}...); "
+                f"{self}: {stem}.pt fails its checksum (sha256 {digest[:12]}..., recorded {record['sha256'][:12]}...); "
                 "the file is corrupted and will not be used"
             )
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), record
@@ -181,16 +189,20 @@ class TeacherEntry:
         if self.manifest() is None:
             manifest = {"key": self.key, "identity": identity, "facts": facts, "created": time.time()}
             self._write_atomic("teacher.json", json.dumps(manifest, indent=1, sort_keys=True).encode())
-        self._delete(f"task_{task_id}.json")  # uncommit first when replacing a task (e.g. after a checksum failure)
+        return self.save_file(f"task_{task_id}", state, {"task_id": task_id, "rows": rows, "seconds": seconds})
+
+    def save_file(self, stem: str, tensors: Any, record: dict[str, Any]) -> dict[str, Any]:
+        """Write `tensors` to `<stem>.pt`, then commit it with `<stem>.json`: `record` plus the file's sha256 and size."""
+        self._delete(f"{stem}.json")  # uncommit first when replacing a file (e.g. after a checksum failure)
         buffer = io.BytesIO()
-        torch.save(state, buffer)
+        torch.save(tensors, buffer)
         data = buffer.getvalue()
-        self._write_atomic(f"task_{task_id}.pt", data)
-        record = {
-            "task_id": task_id, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "rows": rows,
-            "trained_by": f"{socket.gethostname()}:{os.getpid()}", "seconds": seconds, "created": time.time(),
+        self._write_atomic(f"{stem}.pt", data)
+        record = record | {
+            "sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
+            "trained_by": f"{socket.gethostname()}:{os.getpid()}", "created": time.time(),
         }
-        self._write_atomic(f"task_{task_id}.json", json.dumps(record, indent=1).encode())
+        self._write_atomic(f"{stem}.json", json.dumps(record, indent=1).encode())
         return record
 
     def matrix(self, split: str = "test") -> list[list[float]]:
@@ -203,7 +215,7 @@ class TeacherEntry:
     def stray(self) -> list[pafs.FileInfo]:
         """Temporary and uncommitted files: what a killed writer leaves (or one writing right now)."""
         def uncommitted(name: str) -> bool:
-            return name.startswith("task_") and name.endswith(".pt") and not self.has(int(name[5:-3]))
+            return name.endswith(".pt") and not self.has_file(name[:-3])
 
         return [i for i in self.files() if i.base_name.startswith(TEMP_PREFIX) or uncommitted(i.base_name)]
 

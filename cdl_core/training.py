@@ -5,7 +5,6 @@ The teacher phase trains the teacher alone. The student phase trains the student
 """
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import torch
@@ -13,29 +12,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from cdl_core.config import RunConfig
 from cdl_core.data import TaskSplit
+from cdl_core.data.draws import EpochImages, derive_seed, epoch_order
 from cdl_core.distill import TaskClasses
 from cdl_core.distill.losses import current_task_cross_entropy
 from cdl_core.errors import ConfigError
 from cdl_core.frozen_inputs import FrozenInputs, FrozenPasses
 from cdl_core.lr_schedules import build_lr_schedule
+from cdl_core.signal_cache import StoredSignals
 from cdl_core.model import ContinualModel
-
-
-def derive_seed(*parts: Any) -> int:
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
-
-
-class IndexedDataset(Dataset):
-    """(image, label, position) items, so a batch can be matched with precomputed per-image values."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> tuple[Any, Any, int]:
-        return (*self.dataset[index], index)
 
 
 class PhaseTrainer:
@@ -43,12 +27,22 @@ class PhaseTrainer:
         self.cfg = cfg
         self.frozen = frozen
         self.device = frozen.device
+        self.signals: StoredSignals | None = None  # a stored teacher's signals for its students (set by the run)
 
     def loader(self, dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False) -> DataLoader:
         generator = torch.Generator().manual_seed(seed) if shuffle else None
         return DataLoader(
             dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last,
             num_workers=self.cfg.train.num_workers, pin_memory=self.device.type == "cuda",
+        )
+
+    def epoch_loader(self, dataset: Dataset, t: int, epoch: int) -> DataLoader:
+        """Epoch `epoch` of task `t`'s training images, batch by batch as (images, labels, positions): the same
+        batches for the teacher and every student of this seed (see cdl_core.data.draws)."""
+        tc = self.cfg.train
+        return DataLoader(
+            EpochImages(dataset, tc.seed, t, epoch), batch_size=tc.batch_size, sampler=epoch_order(len(dataset), tc.seed, t, epoch),
+            drop_last=tc.drop_last, num_workers=tc.num_workers, pin_memory=self.device.type == "cuda",
         )
 
     def optimizer(self, model: ContinualModel) -> tuple[torch.optim.Optimizer, Any]:
@@ -61,28 +55,29 @@ class PhaseTrainer:
         t, tc, frozen = task.task_id, self.cfg.train, self.frozen
         torch.manual_seed(derive_seed(tc.seed, role, t))
         classes = TaskClasses(past=task.classes[0], seen=task.classes[-1] + 1)
+        if tc.drop_last and len(task.train) < tc.batch_size:
+            raise ConfigError(
+                f"task {t + 1} has {len(task.train)} training images, fewer than train.batch_size={tc.batch_size}, and "
+                "train.drop_last=true drops that one partial batch: nothing would train; lower the batch size or set train.drop_last=false"
+            )
         learners = [frozen.teacher, frozen.student] if frozen.joint(role) else [frozen.teacher if role == "teacher" else frozen.student]
         optimizers = []
         for model in learners:
             model.prompt.begin_task(t)
             model.train()
             optimizers.append(self.optimizer(model))
-        # Without augmentation an image's frozen outputs are the same every epoch: compute them once.
+        # Frozen outputs not computed step by step: a stored teacher's students read theirs from the store (computed
+        # there by the first of them); without augmentation an image's are the same every epoch (computed once here).
+        stored = self.signals.for_task(task, self.epoch_loader) if role == "student" and self.signals is not None else None
         cached = None
-        if not self.cfg.data.train_augment and tc.epochs > 1:
+        if stored is None and not self.cfg.data.train_augment and tc.epochs > 1:
             batches = (images for images, _ in self.loader(task.train, tc.eval_batch_size, shuffle=False))
             cached = frozen.precompute(role, batches, t, len(task.train))
-        dataset = IndexedDataset(task.train) if cached is not None else task.train
-        if tc.drop_last and len(dataset) < tc.batch_size:
-            raise ConfigError(
-                f"task {t + 1} has {len(dataset)} training images, fewer than train.batch_size={tc.batch_size}, and "
-                "train.drop_last=true drops that one partial batch: nothing would train; lower the batch size or set train.drop_last=false"
-            )
-        loader = self.loader(dataset, tc.batch_size, shuffle=True, seed=derive_seed(tc.seed, role, t, "loader"), drop_last=tc.drop_last)
-        for _ in range(tc.epochs):
-            for batch in loader:
-                images, targets = (x.to(self.device, non_blocking=True) for x in batch[:2])
-                inputs = cached.take(batch[2].to(self.device)) if cached is not None else None
+        for epoch in range(tc.epochs):
+            for images, targets, positions in self.epoch_loader(task.train, t, epoch):
+                images, targets = images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+                positions = positions.to(self.device)
+                inputs = stored.take(epoch, positions) if stored is not None else cached.take(positions) if cached is not None else None
                 self.step(role, images, targets, t, classes, [opt for opt, _ in optimizers], inputs)
             for _, scheduler in optimizers:
                 if scheduler is not None:

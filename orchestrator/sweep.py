@@ -79,9 +79,39 @@ def print_plan(space: SweepSpace, plan: Plan, teacher_store: str | None) -> None
     print(f"{'cell':<64} {'trials':>6}  teacher key")
     for cell in plan.cells:
         print(f"{cell.key:<64} {plan.trials[cell.key]:>6}  {plan.teacher_keys.get(cell.key, 'own' if cell.teacher else '-')}")
+    print("\n".join(["", *signal_cache_lines(plan, teacher_store)]))
     from orchestrator.cost import estimate_lines
 
     print("\n".join(["", *estimate_lines(space, plan, reuse=teacher_store is not None)]))
+
+
+def signal_cache_lines(plan: Plan, teacher_store: str | None) -> list[str]:
+    """Per stored teacher: the size of its students' frozen signals in the teacher store, how many of its cells read
+    them and which distillation methods compute theirs online (the reasons once, below)."""
+    from cdl_core.config import RunConfig
+    from cdl_core.signal_plan import signal_cache_plan
+
+    if not plan.teacher_keys:
+        return []
+    sizes: dict[str, int] = {}
+    reading: Counter = Counter()
+    online: dict[str, set[str]] = defaultdict(set)
+    reasons: set[str] = set()
+    for cell, key in plan.teacher_keys.items():
+        cfg = RunConfig.from_dict(plan.configs[cell]).validate()
+        signal = signal_cache_plan(cfg)
+        if signal.online_because:
+            online[key].add(cfg.distill.method)
+            reasons.add(signal.online_because)
+        else:
+            sizes[key] = max(sizes.get(key, 0), signal.nbytes)
+            reading[key] += 1
+    where = "in the teacher store" if teacher_store else "(no --teacher-store: every student computes its signals online)"
+    lines = [f"frozen-signal cache per teacher {where}: {sum(sizes.values()):,} bytes for {len(sizes)} teachers",
+             f"  {'teacher key':<24} {'bytes':>15} {'cells reading':>13}  computed online"]
+    for key in sorted(set(plan.teacher_keys.values())):
+        lines.append(f"  {key:<24} {sizes.get(key, 0):>15,} {reading[key]:>13}  {', '.join(sorted(online[key])) or '-'}")
+    return lines + [f"  online because: {reason}" for reason in sorted(reasons)]
 
 
 def prepare_backbones(space: SweepSpace) -> None:

@@ -92,7 +92,7 @@ class TeacherSharing:
         waited = 0.0
         while not ray.get(actor.acquire.remote(name, holder, self.lease_ttl)):
             if waited == 0.0:
-                log.info("waiting for teacher %s: another trial is training it", name)
+                log.info("waiting for %s: another trial is training that teacher task or computing its signals", name)
             time.sleep(self.poll_seconds)
             waited += self.poll_seconds
         stop = threading.Event()

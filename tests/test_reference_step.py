@@ -20,9 +20,9 @@ step_throughput = importlib.import_module("step_throughput")
 TINY = ["--batch-size", "6", "--steps", "1", "--repeats", "1"]
 
 
-@pytest.mark.parametrize("method", ["coda", "l2p", "dualprompt"])
-def test_reference_gives_the_product_loss_and_gradients(method):
-    run, images, targets, classes = step_throughput.build(step_throughput.parse_args(TINY), method)
+@pytest.mark.parametrize("method, kd", [("coda", "cdl_prompt"), ("l2p", "cdl_prompt"), ("dualprompt", "cdl_prompt"), ("coda", "kd"), ("l2p", "kd")])
+def test_reference_gives_the_product_loss_and_gradients(method, kd):
+    run, images, targets, classes = step_throughput.build(step_throughput.parse_args(TINY + ["--kd", kd]), method)
     assert classes.past > 0  # a later task: past classes masked, earlier CODA components frozen
     reference = reference_step.OfficialStyleStep(run)
     largest = reference_step.check_same_step(run, reference, images, targets, step_throughput.TASK, classes)

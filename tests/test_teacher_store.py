@@ -131,7 +131,7 @@ def _dkd_params(cfg: RunConfig, files) -> None:
 
 # Settings a sequential teacher does not depend on: student-side (KD) and where/how the run executes.
 DATA_IRRELEVANT = {"root": "/somewhere/else", "download": True}
-TRAIN_IRRELEVANT = {"device": "auto", "num_workers": 2, "eval_batch_size": 7}
+TRAIN_IRRELEVANT = {"device": "auto", "num_workers": 2, "eval_batch_size": 7, "signal_cache_max_gb": 0.5}
 STUDENT_SIDE = {
     "distill-method-kd": _set("distill", "method", "kd"),
     "distill-method-dkd": _set("distill", "method", "dkd"),

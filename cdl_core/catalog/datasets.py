@@ -18,6 +18,7 @@ class DatasetInfo:
     default_test_per_class: int | None = None
     # ImageNet-style test transform (Resize(S*256/224) + CenterCrop(S)) instead of Resize(S)
     center_crop_test: bool = False
+    train_images: int = 0  # images of the full training split (estimates, e.g. the signal cache's size)
 
     def n_tasks(self, requested: int | None) -> int:
         """The task count (the protocol default when None); it must divide the classes evenly."""
@@ -33,10 +34,10 @@ class DatasetInfo:
 DATASETS: dict[str, DatasetInfo] = {
     info.name: info
     for info in (
-        DatasetInfo("fashion_mnist", 10, 5, 28, 1, default_train_per_class=600, default_test_per_class=200),
-        DatasetInfo("cifar100", 100, 10, 32, 3),
-        DatasetInfo("imagenet_r", 200, 10, 224, 3, center_crop_test=True),
-        DatasetInfo("synthetic", 10, 5, 32, 3, default_train_per_class=60, default_test_per_class=30),
+        DatasetInfo("fashion_mnist", 10, 5, 28, 1, default_train_per_class=600, default_test_per_class=200, train_images=60000),
+        DatasetInfo("cifar100", 100, 10, 32, 3, train_images=50000),
+        DatasetInfo("imagenet_r", 200, 10, 224, 3, center_crop_test=True, train_images=24000),  # official split; ours too (80%)
+        DatasetInfo("synthetic", 10, 5, 32, 3, default_train_per_class=60, default_test_per_class=30, train_images=600),
     )
 }
 

@@ -18,6 +18,7 @@ class KDParams:
 
     method: ClassVar[str]
     needs_teacher_prompts: ClassVar[bool] = False  # maps the teacher's prompts (a prompt method must make some)
+    reads_teacher_blocks: ClassVar[bool] = False  # compares with the outputs of some of the teacher's blocks
     default_temperature: ClassVar[float] = 2.0  # distill.temperature when it is not set
 
     def check(self) -> None:
@@ -112,6 +113,7 @@ class FitNetsParams(KDParams):
     """FitNets hints on the last block's tokens plus logit KD."""
 
     method: ClassVar[str] = "fitnets"
+    reads_teacher_blocks: ClassVar[bool] = True
     # Official code 0.1; its published runs (2 GPUs, DataParallel) summed the loss of both replicas: about 0.2.
     feature_weight: float = 0.1
 
@@ -124,6 +126,7 @@ class ReviewKDParams(KDParams):
     """ReviewKD's attention-based fusion chain over the student's blocks against the teacher's last blocks."""
 
     method: ClassVar[str] = "reviewkd"
+    reads_teacher_blocks: ClassVar[bool] = True
     # Official code 0.2; its published runs (2 GPUs, DataParallel) summed the loss of both replicas: about 0.4.
     feature_weight: float = 0.2
     blocks: int | None = None  # n: the student's last n blocks against the teacher's last n; None: the student's depth
