@@ -15,6 +15,9 @@ class Evaluator:
         self.stream = stream
         self.frozen = frozen
         self.loader = loader  # an unshuffled evaluation loader over a dataset
+        # Each evaluation split's selection queries, batch by batch: a frozen backbone on unaugmented images gives the
+        # same ones at every later evaluation of that split (a task's test images are evaluated after every later task).
+        self._queries: dict[int, list[tuple[torch.Tensor | None, torch.Tensor | None]]] = {}
 
     def splits(self, role: str, t: int) -> dict[str, list[float]]:
         """Row t of `role`'s accuracy matrices: test, and val when every seen task has a validation split."""
@@ -33,13 +36,17 @@ class Evaluator:
         model = frozen.teacher if role == "teacher" else frozen.student
         needs_teacher = role == "student" and model.kd is not None and model.kd.needs_teacher_at_eval
         correct = total = 0
-        for images, targets in self.loader(dataset):
+        known = self._queries.get(id(dataset))
+        queries = []
+        for batch, (images, targets) in enumerate(self.loader(dataset)):
             images, targets = images.to(frozen.device), targets.to(frozen.device)
-            student_q, teacher_q = frozen.queries(images)
+            student_q, teacher_q = known[batch] if known is not None else frozen.queries(images)
+            queries.append((student_q, teacher_q))
             teacher = frozen.teacher_signal(images, teacher_q, t, merged="current", train=False) if needs_teacher else None
             with frozen.autocast():
                 query = teacher_q if role == "teacher" else student_q
                 logits = model.predict(model(images, query, t, train=False, teacher=teacher))
             correct += (logits[:, :seen].argmax(dim=1) == targets).sum().item()
             total += len(targets)
+        self._queries[id(dataset)] = queries
         return 100.0 * correct / max(total, 1)

@@ -23,6 +23,7 @@ from orchestrator.space import Cell, SweepSpace
 log = logging.getLogger(__name__)
 
 RETRY_OF = "retry_of"  # user attribute of an Optuna trial that continues a failed one of the same Tune trial
+SETTING = "setting"  # user attribute of each cell's first trial: "default" (the methods' defaults, enqueued)
 
 
 class CellStudies:
@@ -117,12 +118,18 @@ class PerCellOptunaSearch(Searcher):
             return Searcher.FINISHED
         cell = min(open_cells, key=lambda c: asked[c.key])  # breadth first: every cell gets a trial early
         study = self.studies.study(cell)
-        trial = self._orphan(study, cell) or study.ask()
+        trial = self._orphan(study, cell)
+        if trial is None:
+            if not asked[cell.key] and not study.get_trials(deepcopy=False):
+                # A new cell's first trial runs the defaults, so the report can show them beside the tuned best.
+                study.enqueue_trial(self.space.default_params(cell), user_attrs={SETTING: "default"})
+            trial = study.ask()
         overrides = self.space.tune(trial, cell) if self.space.tune else {}
         trial.set_user_attr("tune_trial_id", trial_id)
         self.assigned[trial_id] = (cell.key, trial.number)
         self._live[trial_id] = trial
         return {"run": self.space.run_config(cell, overrides), "cell": cell.key, "tuned": dict(trial.params),
+                "setting": trial.user_attrs.get(SETTING, "tuned"),
                 "optuna_trial": trial.number, "optuna_study": self.studies.name(cell)}
 
     def _orphan(self, study: optuna.Study, cell: Cell) -> optuna.Trial | None:
@@ -148,7 +155,8 @@ class PerCellOptunaSearch(Searcher):
         reopen a finished trial); `retry_of` links them, and `CellStudies.outcome` follows the link."""
         key, number = self.assigned[trial_id]
         cell, study = self.cells[key], self.studies.study(self.cells[key])
-        study.enqueue_trial(study.get_trials(deepcopy=False)[number].params, user_attrs={RETRY_OF: number})
+        failed = study.get_trials(deepcopy=False)[number]
+        study.enqueue_trial(failed.params, user_attrs={RETRY_OF: number} | {k: v for k, v in failed.user_attrs.items() if k == SETTING})
         trial = study.ask()
         if self.space.tune:
             self.space.tune(trial, cell)  # define-by-run: suggesting again records the enqueued values as its params

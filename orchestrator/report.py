@@ -3,8 +3,9 @@
 One row per (teacher, student, prompt method, KD method); per dataset the final average accuracy and both
 forgetting definitions (CDL's, as the official trainer prints it, and Chaudhry's; see cdl_core.metrics) on the
 test split (mean ± std over seeds, n shown) and the change against the no-teacher baseline of the same student
-and method. Each cell (a row, dataset and seed) is represented by its best completed trial, ranked by the
-sweep's validation metric as Optuna ranked them; pruned and failed trials are left out and counted.
+and method, for accuracy also paired seed by seed with its 95% interval (orchestrator.paired_stats). Each cell (a
+row, dataset and seed) is represented by its best completed trial, ranked by the sweep's validation metric as
+Optuna ranked them; pruned and failed trials are left out and counted.
 
 Also: `--compare paper` (the published numbers side by side, each with the board it is from: the current
 leaderboard where it has the cell, else the v1 board; the paper's forgetting against CDL's),
@@ -25,6 +26,7 @@ import pandas as pd
 
 from cdl_core.cli import run_cli
 from orchestrator.errors import ReportError
+from orchestrator.paired_stats import CONFIDENCE, paired_gain
 
 ROW = ["teacher", "student", "method", "kd"]
 CELL = [*ROW, "dataset", "seed"]
@@ -97,7 +99,8 @@ def best_per_cell(trials: pd.DataFrame) -> pd.DataFrame:
 
 def paper_table(trials: pd.DataFrame) -> pd.DataFrame:
     """One row per (row, dataset): mean/std/n over seeds of the best trials, the change against the no-teacher
-    baseline of the same student and method, and how many trials were pruned or failed."""
+    baseline of the same student and method (of the means, and for accuracy paired by seed: acc_paired_*), and
+    how many trials were pruned or failed."""
     best = best_per_cell(trials)
     stats = best.groupby([*ROW, "dataset"]).agg(
         acc_mean=("test_avg_acc", "mean"), acc_std=("test_avg_acc", "std"), n=("test_avg_acc", "size"),
@@ -115,6 +118,18 @@ def paper_table(trials: pd.DataFrame) -> pd.DataFrame:
             getattr(r, f"{column}_mean") - baseline[f"{column}_mean"].get(k, float("nan")) if r.teacher != "none" else float("nan")
             for r, k in zip(table.itertuples(), keys)
         ]
+    # Paired: a seed's trials share data order and augmentation across cells, so each seed's gain is against the
+    # baseline of that seed; a seed only one of the two has is left out of the pairing.
+    acc_by_seed = {key: dict(zip(cell["seed"], cell["test_avg_acc"]))
+                   for key, cell in best.dropna(subset=["test_avg_acc"]).groupby([*ROW, "dataset"])}
+    baseline_by_seed = {(student, method, dataset): seeds
+                        for (teacher, student, method, _, dataset), seeds in acc_by_seed.items() if teacher == "none"}
+    gains = [paired_gain(acc_by_seed.get(key, {}) if key[0] != "none" else {}, baseline_by_seed.get(k, {}))
+             for key, k in zip(table[[*ROW, "dataset"]].itertuples(index=False, name=None), keys)]
+    table["acc_paired_n"] = [g.n for g in gains]
+    for column, field in (("acc_paired_gain", "mean"), ("acc_paired_low", "low"), ("acc_paired_high", "high")):
+        table[column] = pd.Series([getattr(g, field) for g in gains], index=table.index, dtype="float64")  # None -> NaN
+    table["acc_paired_established"] = [g.established for g in gains]
     order = table["teacher"].ne("none")  # the baseline first within each student and method
     return table.assign(_order=order).sort_values(["student", "method", "dataset", "_order", "teacher", "kd"]).drop(columns="_order").reset_index(drop=True)
 
@@ -162,12 +177,26 @@ def _number(value: float, fmt: str) -> str:
     return "-" if pd.isna(value) else format(value, fmt)
 
 
+def _paired(r: pd.Series) -> str:
+    """The paired accuracy gain: mean [interval] n=seeds, "not established" where the interval covers 0."""
+    if r.acc_paired_n == 0:  # a baseline row, no baseline, or no seed the two have in common
+        return "" if pd.isna(r.acc_delta) else "no seed in common"
+    if r.acc_paired_n == 1:
+        return f"{r.acc_paired_gain:+.2f} (1 seed: no interval)"
+    verdict = "" if r.acc_paired_established else " not established"
+    return f"{r.acc_paired_gain:+.2f} [{r.acc_paired_low:+.2f}, {r.acc_paired_high:+.2f}] n={r.acc_paired_n}{verdict}"
+
+
+PAIRED_LEGEND = (f"paired Δacc: mean over seeds of acc - the student alone's acc on the same seed [{CONFIDENCE:.0%} "
+                 "t-interval over the per-seed paired gains] n=seeds paired; not established = the interval covers 0")
+
+
 def render(table: pd.DataFrame, fmt: str, compare: bool = False) -> str:
     if fmt == "csv":
         return table.to_csv(index=False, float_format="%.4f")
     datasets = sorted(table["dataset"].unique())
     header = ["teacher", "student", "method", "kd"]
-    per_dataset = ["acc", "Δacc"] + [h for label in FORGETTINGS.values() for h in (f"forgetting ({label})", f"Δforg ({label})")]
+    per_dataset = ["acc", "Δacc", "paired Δacc"] + [h for label in FORGETTINGS.values() for h in (f"forgetting ({label})", f"Δforg ({label})")]
     per_dataset += ["paper acc/forg (CDL)", "paper board", "vs paper"] if compare else []
     header += [f"{d} {h}" for d in datasets for h in per_dataset] + ["pruned", "failed"]
     lines = []
@@ -179,7 +208,7 @@ def render(table: pd.DataFrame, fmt: str, compare: bool = False) -> str:
                 cells += ["-"] * len(per_dataset)
                 continue
             r = by_dataset.loc[d]
-            cells += [_pm(r.acc_mean, r.acc_std, r.n), _signed(r.acc_delta)]
+            cells += [_pm(r.acc_mean, r.acc_std, r.n), _signed(r.acc_delta), _paired(r)]
             for name in FORGETTINGS:
                 cells += [_pm(r[f"{name}_mean"], r[f"{name}_std"], r.n), _signed(r[f"{name}_delta"])]
             if compare:
@@ -190,10 +219,10 @@ def render(table: pd.DataFrame, fmt: str, compare: bool = False) -> str:
         lines.append(cells)
     if fmt == "markdown":
         out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-        return "\n".join(out + ["| " + " | ".join(row) + " |" for row in lines]) + "\n"
+        return "\n".join(out + ["| " + " | ".join(row) + " |" for row in lines]) + f"\n\n{PAIRED_LEGEND}\n"  # the blank line ends the table
     widths = [max(len(header[i]), *(len(row[i]) for row in lines)) for i in range(len(header))]
     fmt_row = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths))  # noqa: E731
-    return "\n".join([fmt_row(header), fmt_row(["-" * w for w in widths]), *map(fmt_row, lines)]) + "\n"
+    return "\n".join([fmt_row(header), fmt_row(["-" * w for w in widths]), *map(fmt_row, lines), PAIRED_LEGEND]) + "\n"
 
 
 # Parquet: the schemas are part of the interface (README "Comparing results").

@@ -105,6 +105,20 @@ class SweepSpace:
         """What `tune` returns for one throwaway trial (values drawn at random with `seed`)."""
         return self.tune(_probe_trial(seed), cell) if self.tune is not None else {}
 
+    def default_params(self, cell: Cell) -> dict[str, Any]:
+        """The Optuna parameters `tune` asks for in `cell`, each at the run's default for the setting it sets: the
+        first trial of every tuned cell (enqueued) runs the methods' defaults, the baseline its tuned trials beat."""
+        if self.tune is None:
+            return {}
+        try:
+            overrides = self.tune(_ParamNames(), cell)
+        except TypeError as err:  # arithmetic on a suggestion
+            raise SpaceError(f"space {self.name!r}, cell {cell.key}: tune computes a setting from a suggested value ({err}); return "
+                             "each suggested value as the setting itself, so its default can be the cell's first trial") from None
+        config = RunConfig.from_dict(self.run_config(cell)).validate()
+        defaults = {value.name: _default_setting(config, dotted) for dotted, value in overrides.items() if isinstance(value, _Asked)}
+        return {name: value for name, value in defaults.items() if value is not None}  # None: no default to give; sampled
+
     def build_pruner(self) -> optuna.pruners.BasePruner:
         return PRUNERS[self.pruner](**self.pruner_args)
 
@@ -153,6 +167,8 @@ class SweepSpace:
             raise SpaceError(f"space {self.name!r}: pruner_args do not fit pruner {self.pruner!r}: {err}") from None
         # every cell must give a valid run config, with tuned values too
         configs = [self.run_config(cell, self.sample_overrides(cell)) for cell in self.cells()]
+        for cell in self.cells():
+            self.default_params(cell)  # each cell's first trial: its defaults must be enqueueable
         self._check_validation_split(configs)
         return self
 
@@ -187,6 +203,40 @@ def _probe_trial(seed: int = 0) -> optuna.Trial:
     finally:
         optuna.logging.set_verbosity(verbosity)
     return study.ask()
+
+
+@dataclass(frozen=True)
+class _Asked:
+    name: str  # the Optuna parameter a setting is set from
+
+
+class _ParamNames:
+    """A stand-in trial whose suggest_* return which parameter was asked (SweepSpace.default_params)."""
+
+    def _asked(self, name: str, *args: Any, **kwargs: Any) -> _Asked:
+        return _Asked(name)
+
+    suggest_float = suggest_int = suggest_categorical = suggest_uniform = suggest_loguniform = suggest_discrete_uniform = _asked
+
+
+def _default_setting(config: RunConfig, dotted: str) -> Any:
+    """A setting's value in a validated config, method parameters resolved to their defaults."""
+    from cdl_core.catalog.distill import resolve_kd_params
+    from cdl_core.catalog.prompts import resolve_prompt_params
+
+    section, _, rest = dotted.partition(".")
+    if section == "distill" and rest.startswith("params."):
+        name, params = rest.removeprefix("params."), resolve_kd_params(config.distill.method, config.distill.params)
+        if getattr(params, name) is None and hasattr(params, "resolved"):  # derived from the prompt method (CDL-Prompt's sizes)
+            prompt = resolve_prompt_params(config.prompt.method, config.prompt.params)
+            return params.resolved(prompt, DATASETS[config.data.name].n_tasks(config.data.n_tasks))[name]
+        return getattr(params, name)
+    if section == "prompt" and rest.startswith("params."):
+        return getattr(resolve_prompt_params(config.prompt.method, config.prompt.params), rest.removeprefix("params."))
+    value: Any = config
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:

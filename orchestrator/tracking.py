@@ -250,6 +250,7 @@ class MlflowTracking(Callback):
                 "teacher": (run_cfg["teacher"] or {}).get("preset", "none"), "student": run_cfg["student"]["preset"],
                 "method": run_cfg["prompt"]["method"], "kd": run_cfg["distill"]["method"], "dataset": run_cfg["data"]["name"],
                 "seed": str(run_cfg["train"]["seed"]), "optuna_study": config["optuna_study"], "optuna_trial": str(config["optuna_trial"]),
+                "setting": config.get("setting", "tuned"),  # "default": the cell's first trial, at the methods' defaults
             }
             run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
             self._log_params(run_id, params)

@@ -371,7 +371,7 @@ def test_a_row_with_only_a_teacher_and_no_baseline_has_no_delta(main_trials):
 def test_console_table_is_aligned_with_mean_std_n_and_delta(main_trials, capsys, store):
     code, out, err = run_main(capsys, "--experiment", "sweep-main", "--tracking-uri", store["uri"])
     assert code == 0, err
-    lines = out.rstrip("\n").split("\n")
+    lines = out.rstrip("\n").split("\n")[:-1]  # the last line is the paired Δacc legend
     assert len(lines) == 2 + 2  # header, rule, one line per row (baseline, KD)
     assert len({len(line) for line in lines}) == 1  # columns padded to one width
     header = lines[0]
@@ -395,14 +395,14 @@ def test_console_table_is_aligned_with_mean_std_n_and_delta(main_trials, capsys,
 def test_markdown_is_a_pipe_table_with_a_column_per_dataset_metric(main_trials):
     trials, _ = main_trials
     text = render(paper_table(trials), "markdown")
-    lines = text.rstrip("\n").split("\n")
+    lines = text.split("\n\n")[0].split("\n")  # the table; the paired Δacc legend follows a blank line
     assert len(lines) == 2 + 2
     assert all(line.startswith("| ") or line.startswith("|-") for line in lines)
     assert all(line.endswith("|") for line in lines)
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     expected = ["teacher", "student", "method", "kd"]
     for d in ("fashion_mnist", "synthetic"):
-        expected += [f"{d} acc", f"{d} Δacc", f"{d} forgetting (CDL)", f"{d} Δforg (CDL)",
+        expected += [f"{d} acc", f"{d} Δacc", f"{d} paired Δacc", f"{d} forgetting (CDL)", f"{d} Δforg (CDL)",
                      f"{d} forgetting (Chaudhry)", f"{d} Δforg (Chaudhry)"]
     assert header == expected + ["pruned", "failed"]
     assert set(lines[1].strip("|").split("|")) == {"---"} and lines[1].count("|") == len(header) + 1
@@ -454,7 +454,7 @@ def test_markdown_format_from_the_command_line(capsys, store):
     code, out, err = run_main(capsys, "--experiment", "sweep-main", "--tracking-uri", store["uri"], "--format", "markdown")
     assert code == 0, err
     assert out.startswith("| teacher | student | method | kd | fashion_mnist acc |")
-    assert len(out.rstrip("\n").split("\n")) == 4
+    assert len(out.rstrip("\n").split("\n")) == 4 + 2  # and a blank line, the paired Δacc legend
 
 
 # -- --compare paper -------------------------------------------------------------------------------------------
@@ -569,7 +569,7 @@ def test_compare_paper_adds_the_published_numbers_their_board_and_the_difference
 def test_compare_paper_rendered(capsys, store):
     code, out, err = run_main(capsys, "--experiment", "sweep-paper", "--tracking-uri", store["uri"], "--compare", "paper", "--format", "markdown")
     assert code == 0, err
-    lines = out.rstrip("\n").split("\n")
+    lines = [line for line in out.splitlines() if line.startswith("|")]  # the table, not the legend under it
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     assert {"cifar100 paper acc/forg (CDL)", "cifar100 paper board", "cifar100 vs paper"} <= set(header)
     rows = {tuple(r[:4]): dict(zip(header, r)) for r in ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:])}

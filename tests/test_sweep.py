@@ -804,3 +804,34 @@ def test_tune_keeps_as_many_trials_placed_ahead_as_can_run_at_once_and_a_users_s
     monkeypatch.setenv("TUNE_MAX_PENDING_TRIALS_PG", "5")
     with sweep.pending_trials(6):
         assert _get_max_pending_trials(searcher) == 5
+
+
+def test_each_tuned_cells_first_trial_runs_the_defaults_enqueued_then_the_sampler_tunes(tmp_path):
+    space, searcher = tuned_space(tmp_path)
+    configs = [searcher.suggest(f"t{i}") for i in range(5)]  # breadth first: the 2 KD cells, 2 alone cells, then a KD cell's 2nd
+    first = {c["cell"]: c for c in configs[:4]}
+    for config in first.values():
+        assert config["setting"] == "default" and config["optuna_trial"] == 0
+        study = searcher.studies.study(searcher.cells[config["cell"]])
+        assert study.get_trials(deepcopy=False)[0].user_attrs["setting"] == "default"
+        if searcher.cells[config["cell"]].kd == "kd":  # the run config's own defaults (DESIGN: a = 0.5; Adam lr 1e-3)
+            assert config["tuned"] == {"alpha": 0.5, "lr": 1e-3, "epochs": 1}
+            assert config["run"]["distill"]["alpha"] == 0.5 and config["run"]["train"]["lr"] == 1e-3
+        else:
+            assert config["tuned"] == {}
+    second = configs[4]
+    assert second["setting"] == "tuned" and second["optuna_trial"] == 1 and second["tuned"]["alpha"] != 0.5
+
+
+def test_the_defaults_of_the_smoke_spaces_tuned_settings_are_the_methods_own():
+    cells = {cell.kd: cell for cell in smoke.SPACE.cells() if cell.method == "coda"}
+    # DESIGN.md section 2: a = 0.5, T = 2; D-CDL `12 6` (layers, length); CDL-Prompt's mapping keeps every component
+    assert smoke.SPACE.default_params(cells["kd"]) == {"alpha": 0.5, "temperature": 2.0}
+    assert smoke.SPACE.default_params(cells["dcdl"]) == {"alpha": 0.5, "temperature": 2.0, "kd_layers": 12, "kd_length": 6}
+    assert smoke.SPACE.default_params(cells["none"]) == {}
+
+
+def test_a_tune_that_computes_a_setting_from_a_suggestion_is_refused_with_the_fix(tmp_path):
+    with pytest.raises(SpaceError, match="return each suggested value as the setting itself"):  # at validation: before launch
+        tuned_space(tmp_path, tune=lambda trial, cell: {"distill.params.length": 2 * trial.suggest_int("half", 1, 4)}
+                    if cell.kd != "none" else {}, kd_methods=["dcdl"])
