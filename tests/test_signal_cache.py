@@ -155,3 +155,36 @@ def test_students_sharing_a_lock_compute_each_tasks_signals_once(tmp_path):
     # (not compared with each other: threads of one process share torch's RNG, which each phase seeds; trials are
     # processes, and the sequential test above compares students bit for bit)
     assert any(name.endswith(runs[0].trainer.signals.stem(0)) for name in locks)
+
+
+def test_evaluation_computes_each_splits_queries_once_per_run(monkeypatch):
+    """A task's test images are evaluated after every later task; their (frozen, unaugmented) queries are computed
+    at the first evaluation only, and the accuracies are those of computing them every time."""
+    calls = []
+    queries = FrozenPasses.queries
+
+    def counting(self, images):
+        calls.append(len(images))
+        return queries(self, images)
+
+    cfg = make_cfg(max_gb=0)
+    torch.manual_seed(0)
+    memo = ContinualRun(cfg).run()
+    monkeypatch.setattr(FrozenPasses, "queries", counting)
+    torch.manual_seed(0)
+    run = ContinualRun(cfg)
+    run.evaluator._queries = _Forgetful()  # every evaluation computes its queries
+    forgetful = run.run()
+    assert forgetful["matrices"] == memo["matrices"]
+    recomputed = len(calls)
+    calls.clear()
+    torch.manual_seed(0)
+    ContinualRun(cfg).run()
+    n_tasks = len(run.stream.tasks)  # each test split is one batch (5 images)
+    evaluations = 2 * sum(n_tasks - t for t in range(n_tasks))  # teacher and student evaluate task t after tasks t..T-1
+    assert recomputed - len(calls) == evaluations - n_tasks  # training's query calls cancel; each split queried once
+
+
+class _Forgetful(dict):
+    def __setitem__(self, key, value) -> None:
+        pass
