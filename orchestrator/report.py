@@ -5,7 +5,8 @@ forgetting definitions (CDL's, as the official trainer prints it, and Chaudhry's
 test split (mean ± std over seeds, n shown) and the change against the no-teacher baseline of the same student
 and method, for accuracy also paired seed by seed with its 95% interval (orchestrator.paired_stats). Each cell (a
 row, dataset and seed) is represented by its best completed trial, ranked by the sweep's validation metric as
-Optuna ranked them; pruned and failed trials are left out and counted.
+Optuna ranked them, or with `--setting default` by its first trial, which ran the methods' default settings; pruned
+and failed trials are left out and counted. A line above the table names the comparison it shows.
 
 Also: `--compare paper` (the published numbers side by side, each with the board it is from: the current
 leaderboard where it has the cell, else the v1 board; the paper's forgetting against CDL's),
@@ -62,6 +63,7 @@ def load_trials(tracking_uri: str, experiment: str) -> tuple[pd.DataFrame, dict[
     trials = pd.DataFrame({
         "run_id": runs["run_id"],
         **{key: runs[f"tags.{key}"] for key in ("sweep", "cell", "teacher", "student", "method", "kd", "dataset", "status")},
+        "setting": runs.get("tags.setting"),  # "default" or "tuned"; None in runs logged before default trials existed
         "seed": runs["tags.seed"].astype(int),
         "optuna_trial": runs["tags.optuna_trial"].astype(int),
         "teacher_run_id": runs.get("tags.teacher_run_id"),
@@ -90,6 +92,23 @@ def load_task_metrics(tracking_uri: str, run_ids: list[str]) -> pd.DataFrame:
 
 
 # -- the table ------------------------------------------------------------------------------------------------
+SETTINGS = ("tuned", "default")
+DEFAULT_TRIALS = "each cell's first trial, the methods' defaults"
+
+
+def trials_for_setting(trials: pd.DataFrame, setting: str) -> pd.DataFrame:
+    """The trials a cell is picked from: all of them for "tuned" (the best wins), only the cell's default trial
+    for "default", so a cell whose default trial was pruned or failed is left out and counted."""
+    if setting == "tuned":
+        return trials
+    defaults = trials[trials["setting"] == "default"]
+    if defaults.empty:
+        raise ReportError("--setting default: this sweep's runs predate default trials (no run is tagged setting=default); to "
+                          "get them, rerun the sweep with this version under a new --name (python -m orchestrator.sweep --space "
+                          "SPACE --name NEW; a --resume adds none to cells that already have trials)")
+    return defaults
+
+
 def best_per_cell(trials: pd.DataFrame) -> pd.DataFrame:
     """The best completed trial of each cell (by the sweep's metric); ties go to the earlier Optuna trial."""
     done = trials[trials["status"] == "completed"].dropna(subset=["metric"])
@@ -132,6 +151,35 @@ def paper_table(trials: pd.DataFrame) -> pd.DataFrame:
     table["acc_paired_established"] = [g.established for g in gains]
     order = table["teacher"].ne("none")  # the baseline first within each student and method
     return table.assign(_order=order).sort_values(["student", "method", "dataset", "_order", "teacher", "kd"]).drop(columns="_order").reset_index(drop=True)
+
+
+def _how_chosen(side: str, trials_per_cell: pd.Series, setting: str, metric: str) -> str:
+    if setting == "default":
+        return f"default {side} ({DEFAULT_TRIALS})"
+    most = int(trials_per_cell.max())
+    if most == 1:
+        return f"untuned {side} (1 trial per cell)"
+    up_to = "up to " if trials_per_cell.min() < most else ""
+    return f"tuned {side} (best of {up_to}{most} trials per cell by {metric})"
+
+
+def comparison_line(trials: pd.DataFrame, setting: str, metric: str) -> str:
+    """One line naming what the table compares: for the KD rows and the student-alone baselines, how each shown
+    cell's trial was chosen from `trials` (those the table picked from). A cell's trials are counted as its
+    completed and pruned ones, those the validation metric ranked (a pruned one lost on it early); a failed one
+    never was."""
+    ranked = trials[trials["status"].isin(("completed", "pruned"))]
+    per_cell = ranked.groupby(CELL).size().reindex(best_per_cell(trials).set_index(CELL).index)
+    alone = per_cell.index.get_level_values("teacher") == "none"
+    kd, baselines = per_cell[~alone], per_cell[alone]
+    if len(kd) and len(baselines):
+        if setting == "default":
+            return f"comparison: default vs default ({DEFAULT_TRIALS})"
+        return (f"comparison: {_how_chosen('KD rows', kd, setting, metric)} vs "
+                f"{_how_chosen('student-alone baselines', baselines, setting, metric)}")
+    if len(kd):
+        return f"comparison: {_how_chosen('KD rows', kd, setting, metric)} with no student-alone baselines"
+    return f"comparison: {_how_chosen('student-alone baselines', baselines, setting, metric)} with no KD rows"
 
 
 # The published boards (orchestrator/paper_results.csv, source in its header), the current one first: a cell on both
@@ -191,7 +239,8 @@ PAIRED_LEGEND = (f"paired Δacc: mean over seeds of acc - the student alone's ac
                  "t-interval over the per-seed paired gains] n=seeds paired; not established = the interval covers 0")
 
 
-def render(table: pd.DataFrame, fmt: str, compare: bool = False) -> str:
+def render(table: pd.DataFrame, fmt: str, compare: bool = False, comparison: str | None = None) -> str:
+    """The table as text; `comparison` (comparison_line) goes above it, except in CSV, which stays plain data."""
     if fmt == "csv":
         return table.to_csv(index=False, float_format="%.4f")
     datasets = sorted(table["dataset"].unique())
@@ -217,19 +266,21 @@ def render(table: pd.DataFrame, fmt: str, compare: bool = False) -> str:
                 cells += [paper, "-" if pd.isna(r.paper_acc) else r.paper_board, "" if pd.isna(r.paper_acc) else vs]
         cells += [str(int(group["pruned"].sum())), str(int(group["failed"].sum()))]
         lines.append(cells)
+    above = [comparison] if comparison else []
     if fmt == "markdown":
-        out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        out = [*above, ""] if above else []  # a blank line, else a markdown renderer may read the line as the header
+        out += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
         return "\n".join(out + ["| " + " | ".join(row) + " |" for row in lines]) + f"\n\n{PAIRED_LEGEND}\n"  # the blank line ends the table
     widths = [max(len(header[i]), *(len(row[i]) for row in lines)) for i in range(len(header))]
     fmt_row = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths))  # noqa: E731
-    return "\n".join([fmt_row(header), fmt_row(["-" * w for w in widths]), *map(fmt_row, lines), PAIRED_LEGEND]) + "\n"
+    return "\n".join([*above, fmt_row(header), fmt_row(["-" * w for w in widths]), *map(fmt_row, lines), PAIRED_LEGEND]) + "\n"
 
 
 # Parquet: the schemas are part of the interface (README "Comparing results").
 RUNS_SCHEMA = {
     "run_id": "string", "sweep": "string", "cell": "string", "teacher": "string", "student": "string", "method": "string",
     "kd": "string", "dataset": "string", "seed": "int64", "optuna_trial": "int64", "status": "string",
-    "teacher_run_id": "string", "metric": "float64", **{name: "float64" for name in FINAL_METRICS}, "config": "string",
+    "setting": "string", "teacher_run_id": "string", "metric": "float64", **{name: "float64" for name in FINAL_METRICS}, "config": "string",
 }
 
 
@@ -285,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", required=True, help="MLflow experiment of the sweep (the sweep's name by default)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db in the working directory, as the sweep)")
     p.add_argument("--format", choices=["console", "markdown", "csv"], default="console", help="table format (default console)")
+    p.add_argument("--setting", choices=SETTINGS, default="tuned",
+                   help="which trial stands for each cell: tuned (the default) = its best completed trial by the sweep's "
+                        "validation metric; default = its first trial, at the methods' default settings")
     p.add_argument("--compare", choices=["paper"], help="add the paper's published numbers and the difference per cell")
     p.add_argument("--out", help="also write the table to this file")
     p.add_argument("--parquet", metavar="DIR", help="write runs.parquet and tasks.parquet here")
@@ -307,13 +361,15 @@ def _main(argv: list[str] | None) -> int:
         raise ReportError(f"no MLflow store at {tracking_uri}; run the report where the sweep ran or pass --tracking-uri")
     reach_mlflow(tracking_uri)
     trials, info = load_trials(tracking_uri, args.experiment)
-    table = paper_table(trials)
+    chosen = trials_for_setting(trials, args.setting)
+    table = paper_table(chosen)
     if not table["n"].any():
-        raise ReportError(f"experiment {args.experiment!r} has no completed trial yet ({len(trials)} trials: "
-                          f"{dict(trials['status'].value_counts())}); nothing to tabulate")
+        kind = "trial" if args.setting == "tuned" else "default trial"
+        raise ReportError(f"experiment {args.experiment!r} has no completed {kind} yet ({len(chosen)} {kind}s: "
+                          f"{dict(chosen['status'].value_counts())}); nothing to tabulate")
     if args.compare:
         table = compare_with_paper(table, load_paper())
-    text = render(table, args.format, compare=bool(args.compare))
+    text = render(table, args.format, compare=bool(args.compare), comparison=comparison_line(chosen, args.setting, info["metric"]))
     print(text, end="")
     if args.out:
         Path(args.out).write_text(text)
@@ -323,12 +379,13 @@ def _main(argv: list[str] | None) -> int:
         for path in export_parquet(trials, tasks, configs, Path(args.parquet)):
             print(f"wrote {path}")
     if args.configs:
-        paths = export_configs(best_per_cell(trials), configs, Path(args.configs))
-        print(f"wrote {len(paths)} best configs to {args.configs} (rerun one: python -m cdl_core.run --config FILE)")
+        paths = export_configs(best_per_cell(chosen), configs, Path(args.configs))
+        which = "best" if args.setting == "tuned" else "default"
+        print(f"wrote {len(paths)} {which} configs to {args.configs} (rerun one: python -m cdl_core.run --config FILE)")
     if args.plots:
         from orchestrator.report_plots import draw_plots
 
-        best = best_per_cell(trials)
+        best = best_per_cell(chosen)
         teacher_ids = sorted({t for t in best["teacher_run_id"].dropna() if t})
         teacher_tasks = load_task_metrics(tracking_uri, teacher_ids) if teacher_ids else pd.DataFrame(columns=["run_id", "task"])
         for path in draw_plots(tracking_uri, best, load_task_metrics(tracking_uri, list(best["run_id"])), teacher_tasks,

@@ -371,7 +371,7 @@ def test_a_row_with_only_a_teacher_and_no_baseline_has_no_delta(main_trials):
 def test_console_table_is_aligned_with_mean_std_n_and_delta(main_trials, capsys, store):
     code, out, err = run_main(capsys, "--experiment", "sweep-main", "--tracking-uri", store["uri"])
     assert code == 0, err
-    lines = out.rstrip("\n").split("\n")[:-1]  # the last line is the paired Δacc legend
+    lines = out.rstrip("\n").split("\n")[1:-1]  # the first line names the comparison, the last is the paired Δacc legend
     assert len(lines) == 2 + 2  # header, rule, one line per row (baseline, KD)
     assert len({len(line) for line in lines}) == 1  # columns padded to one width
     header = lines[0]
@@ -453,8 +453,8 @@ def test_csv_parses_with_pandas_and_its_numbers_are_the_table(main_trials, capsy
 def test_markdown_format_from_the_command_line(capsys, store):
     code, out, err = run_main(capsys, "--experiment", "sweep-main", "--tracking-uri", store["uri"], "--format", "markdown")
     assert code == 0, err
-    assert out.startswith("| teacher | student | method | kd | fashion_mnist acc |")
-    assert len(out.rstrip("\n").split("\n")) == 4 + 2  # and a blank line, the paired Δacc legend
+    assert out.split("\n")[2].startswith("| teacher | student | method | kd | fashion_mnist acc |")  # under the comparison line
+    assert len(out.rstrip("\n").split("\n")) == 2 + 4 + 2  # and a blank line, the paired Δacc legend
 
 
 # -- --compare paper -------------------------------------------------------------------------------------------
@@ -601,7 +601,7 @@ def test_compare_paper_rendered(capsys, store):
 
     code, out, err = run_main(capsys, "--experiment", "sweep-paper", "--tracking-uri", store["uri"], "--compare", "paper")
     assert code == 0, err
-    head = out.splitlines()[0]
+    head = out.splitlines()[1]  # under the comparison line
     assert "cifar100 paper board" in head
     kd_line = next(line for line in out.splitlines() if line.split()[:4] == [VL, VS, "coda", "kd"])
     assert " - " in kd_line + " "
@@ -644,7 +644,7 @@ def test_parquet_export_matches_the_schema_and_the_logged_values(capsys, store, 
     ints = {"seed", "optuna_trial"}
     doubles = {"metric", "test_avg_acc", "test_forgetting", "test_forgetting_cdl", "test_forgetting_chaudhry",
                "test_avg_incremental_acc", "val_avg_acc", "val_forgetting", "val_forgetting_cdl", "val_forgetting_chaudhry"}
-    strings = {"run_id", "sweep", "cell", "teacher", "student", "method", "kd", "dataset", "status", "teacher_run_id", "config"}
+    strings = {"run_id", "sweep", "cell", "teacher", "student", "method", "kd", "dataset", "status", "setting", "teacher_run_id", "config"}
     assert set(runs_schema.names) == ints | doubles | strings
     for name in runs_schema.names:
         want = pa.int64() if name in ints else pa.float64() if name in doubles else pa.string()
