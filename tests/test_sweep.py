@@ -63,7 +63,7 @@ def tuned_trials(space: SweepSpace, n_teacher_cells: int, n_alone_cells: int) ->
 
 # -- the shipped spaces ------------------------------------------------------------------------------------------
 def test_available_spaces_lists_the_shipped_space_modules():
-    assert {"smoke", "full", "paper"} <= set(available_spaces())
+    assert {"smoke", "demo_seeds", "full", "paper"} <= set(available_spaces())
 
 
 def test_smoke_space_loads_with_twelve_cells_and_thirty_trials():
