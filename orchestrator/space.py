@@ -211,7 +211,14 @@ class _Asked:
 
 
 class _ParamNames:
-    """A stand-in trial whose suggest_* return which parameter was asked (SweepSpace.default_params)."""
+    """A stand-in for a cell's first trial (number 0) whose suggest_* return which parameter was asked
+    (SweepSpace.default_params); anything else a `tune` reads (number, user_attrs, ...) is a real probe trial's."""
+
+    def __init__(self) -> None:
+        self._trial = _probe_trial()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._trial, name)
 
     def _asked(self, name: str, *args: Any, **kwargs: Any) -> _Asked:
         return _Asked(name)

@@ -835,3 +835,11 @@ def test_a_tune_that_computes_a_setting_from_a_suggestion_is_refused_with_the_fi
     with pytest.raises(SpaceError, match="return each suggested value as the setting itself"):  # at validation: before launch
         tuned_space(tmp_path, tune=lambda trial, cell: {"distill.params.length": 2 * trial.suggest_int("half", 1, 4)}
                     if cell.kd != "none" else {}, kd_methods=["dcdl"])
+
+
+def test_default_params_give_tune_a_real_first_trial_beside_the_recorded_suggestions(tmp_path):
+    """A tune may read the trial itself (the e2e spaces plant settings by trial.number): the stand-in is trial 0."""
+    space, _ = tuned_space(tmp_path, tune=lambda trial, cell: {"distill.alpha": trial.suggest_float("alpha", 0.1, 0.9),
+                                                               "train.epochs": 2 if trial.number == 0 else 1} if cell.kd != "none" else {})
+    cell = next(c for c in space.cells() if c.kd == "kd")
+    assert space.default_params(cell) == {"alpha": 0.5}
