@@ -240,14 +240,6 @@ def pending_trials(count: int | None) -> Iterator[None]:
         del os.environ[name]
 
 
-# Task checkpoints kept per trial. A killed driver resumes each unfinished trial from the checkpoint its last
-# experiment snapshot names: with 2 kept, that is its latest task or the one before (redone; MLflow and Optuna
-# skip the task they already have). With 1 kept, Tune would snapshot the whole experiment (every trial's state,
-# growing with the sweep) at every task of every trial: 1.37x -> 1.14x of a bare Tune loop in
-# bench/sweep_overhead.py.
-KEPT_CHECKPOINTS = 2
-
-
 def sweep_arguments(space: SweepSpace, args: argparse.Namespace) -> dict[str, Any]:
     """The arguments this sweep runs with, resolved (default stores as absolute paths): recorded beside Tune's
     experiment and compared on --resume (orchestrator.resume)."""
@@ -283,10 +275,6 @@ def run_sweep(space: SweepSpace, plan: Plan, args: argparse.Namespace, trainable
     """Run the planned trials. `trainable` replaces `train_cdl` (the benchmark of the sweep's own overhead runs a
     no-op); it is called like train_cdl, with the trial's config and `teachers=`."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # use the reporter below (the new output ignores it)
-    # Tune keeps KEPT_CHECKPOINTS checkpoints per trial and snapshots the experiment state whenever a trial has
-    # written that many since the last snapshot, so the snapshot never names a deleted checkpoint. Tune's warning
-    # about these forced snapshots is noise here.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # MLflow is the sweep's metrics store: of Tune's own loggers keep the JSON and CSV results (resume, the
     # fallback when MLflow is down), not TensorBoard event files, which cost the driver time at every report.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
@@ -314,6 +302,7 @@ def run_sweep(space: SweepSpace, plan: Plan, args: argparse.Namespace, trainable
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
+    from orchestrator.checkpoints import CheckpointPruner
     from orchestrator.pruning import CellStudies, OptunaPruningScheduler, PerCellOptunaSearch
     from orchestrator.progress import SweepProgress
     from orchestrator.teachers import TeacherSharing, start_lease_actor
@@ -361,8 +350,7 @@ def run_sweep(space: SweepSpace, plan: Plan, args: argparse.Namespace, trainable
                 run_config=tune.RunConfig(
                     name=sweep, storage_path=storage,
                     callbacks=[MlflowTracking(tracking_uri, experiment, sweep, sweep_params, flush_timeout=args.mlflow_wait),
-                               JsonLoggerCallback(), CSVLoggerCallback()],
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=KEPT_CHECKPOINTS),
+                               JsonLoggerCallback(), CSVLoggerCallback(), CheckpointPruner()],
                     failure_config=tune.FailureConfig(max_failures=args.max_failures),
                     progress_reporter=progress, verbose=1,
                 ),

@@ -1,10 +1,10 @@
 """The Ray Tune function trainable: one trial = one `cdl_core` run, reported and checkpointed task by task.
 
 Thin on purpose: it validates the trial's RunConfig dict, resumes from the last task checkpoint if Tune
-restarted the trial, and after every task reports the metrics and saves a checkpoint (Tune keeps the last two,
-see sweep.KEPT_CHECKPOINTS). A config error ends the trial at once with one report naming it, never retried. A sequential-schedule teacher comes from the sweep's teacher store (trained by the
-first trial that needs it); trial checkpoints then hold only the student, and the accuracy artifacts the driver
-copies into MLflow.
+restarted the trial, and after every task reports the metrics and saves a checkpoint (a finished trial keeps only
+its latest: orchestrator.checkpoints). A config error ends the trial at once with one report naming it, never
+retried. A sequential-schedule teacher comes from the sweep's teacher store (trained by the first trial that needs
+it); trial checkpoints then hold only the student, and the accuracy artifacts the driver copies into MLflow.
 """
 from __future__ import annotations
 

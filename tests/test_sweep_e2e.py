@@ -69,6 +69,10 @@ def test_tiny_sweep_runs_concurrent_trials_and_tracks_everything_in_mlflow_and_o
     assert {c.data.tags["teacher_key"] for c in kd_runs} == {teacher.data.tags["teacher_key"]}
     assert not any(k.startswith("teacher_") for c in children for k in c.data.metrics)
     check_optuna_matches_mlflow(f"sqlite:///{workdir / 'optuna.db'}", "tiny1", MlflowClient(uri), children)
+    # a finished trial keeps only its last task's checkpoint (orchestrator.checkpoints), the one its results name
+    trial_dirs = [d for d in (workdir / "ray_results" / "tiny1").iterdir() if (d / "result.json").exists()]
+    assert len(trial_dirs) == 3
+    assert all([c.name for c in d.glob("checkpoint_*")] == ["checkpoint_000004"] for d in trial_dirs)
     # the sweep name is taken: a second run must resume, not silently start over
     assert main(["--space", space, "--name", "tiny1"]) == 2
     assert "already exists" in capfd.readouterr().err
