@@ -5,9 +5,10 @@ a --dry-run of a 1,000-trial space.
 
 Our side is everything but the training: per-cell Optuna studies in sqlite with the pruning scheduler, MLflow
 tracking (sqlite store) through its outbox, drained before run_sweep returns, the teacher lease actor, the
-progress reporter and the last two checkpoints kept per trial. The bare side is `tune.Tuner` with the same
-trainable and resources and nothing else. Each trial reports the metric keys of
-`orchestrator.trainable.task_metrics` with a tiny checkpoint, `--reports` times (one per task of a synthetic stream, so 1, 2, 5 or 10). Target: ours / bare <= 1.2x.
+progress reporter and the checkpoint pruner (a finished trial keeps only its latest). The bare side is
+`tune.Tuner` with the same trainable and resources and nothing else. Each trial reports the metric keys of
+`orchestrator.trainable.task_metrics` with a tiny checkpoint, `--reports` times (one per task of a synthetic
+stream, so 1, 2, 5 or 10). Target: ours / bare <= 1.2x.
 
     python bench/sweep_overhead.py                          # 200 trials x 10 reports each way, then the dry run
     python bench/sweep_overhead.py --trials 1000            # thousands: the ratio and the driver's memory growth
@@ -129,7 +130,8 @@ def run_ours(space_file: Path, workdir: Path) -> Side:
     from mlflow.tracking import MlflowClient
 
     from orchestrator.space import load_space
-    from orchestrator.sweep import TRIALS_FILTER, build_parser, make_plan, run_sweep
+    from orchestrator.plan import make_plan
+    from orchestrator.sweep import TRIALS_FILTER, build_parser, run_sweep
 
     tracking_uri = f"sqlite:///{workdir / 'mlflow.db'}"
     args = build_parser().parse_args([
@@ -169,7 +171,7 @@ def run_bare(space_file: Path, workdir: Path) -> Side:
     from ray import tune
 
     from orchestrator.space import load_space
-    from orchestrator.sweep import make_plan
+    from orchestrator.plan import make_plan
 
     space = load_space(str(space_file))
     plan = make_plan(space)

@@ -40,13 +40,15 @@ class Evaluator:
         queries = []
         for batch, (images, targets) in enumerate(self.loader(dataset)):
             images, targets = images.to(frozen.device), targets.to(frozen.device)
-            student_q, teacher_q = known[batch] if known is not None else frozen.queries(images)
-            queries.append((student_q, teacher_q))
+            if known is None:
+                queries.append(frozen.queries(images))
+            student_q, teacher_q = known[batch] if known is not None else queries[-1]
             teacher = frozen.teacher_signal(images, teacher_q, t, merged="current", train=False) if needs_teacher else None
             with frozen.autocast():
                 query = teacher_q if role == "teacher" else student_q
                 logits = model.predict(model(images, query, t, train=False, teacher=teacher))
             correct += (logits[:, :seen].argmax(dim=1) == targets).sum().item()
             total += len(targets)
-        self._queries[id(dataset)] = queries
+        if known is None:
+            self._queries[id(dataset)] = queries
         return 100.0 * correct / max(total, 1)

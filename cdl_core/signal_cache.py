@@ -65,7 +65,7 @@ class StoredSignals:
         self, cfg: RunConfig, entry: TeacherEntry, lock: Callable[[str], AbstractContextManager], frozen: FrozenPasses,
         n_classes: int, device: torch.device,
     ) -> None:
-        self.cfg, self.entry, self.lock, self.frozen = cfg, entry, lock, frozen
+        self.entry, self.lock, self.frozen = entry, lock, frozen
         self.n_classes, self.device = n_classes, device
         self.epochs = cfg.train.epochs if cfg.data.train_augment else 1
         # Where the numbers could differ although the teacher is the same: the device's kernels and, for APT, which

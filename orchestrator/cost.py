@@ -117,7 +117,7 @@ class PairCost:
 
 
 def estimate(space: Any, plan: Any, reuse: bool = True) -> list[PairCost]:
-    """GPU-hours per (teacher, student) pair of a planned sweep (orchestrator.sweep.Plan): every trial's student, and
+    """GPU-hours per (teacher, student) pair of a planned sweep (orchestrator.plan.Plan): every trial's student, and
     its teachers once per distinct teacher key (reuse) or once per trial."""
     pairs: dict[str, PairCost] = {}
     trained: set[str] = set()

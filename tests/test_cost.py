@@ -9,7 +9,8 @@ import pytest
 from cdl_core.catalog.presets import PRESETS
 from orchestrator import cost
 from orchestrator.space import SweepSpace
-from orchestrator.sweep import main, make_plan
+from orchestrator.plan import make_plan
+from orchestrator.sweep import main
 
 B, S, L = "vit_base_patch16_224", "vit_small_patch16_224", "vit_large_patch16_224"
 F_B, F_S = 17.6, 4.6  # forward GMACs per image (DeiT's Table 1)

@@ -101,7 +101,8 @@ def test_a_sweep_of_8_concurrent_trials_on_mlflow_and_optuna_in_one_postgresql(p
     import ray
 
     from orchestrator.space import load_space
-    from orchestrator.sweep import build_parser, make_plan, run_sweep
+    from orchestrator.plan import make_plan
+    from orchestrator.sweep import build_parser, run_sweep
 
     for name, value in {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1",
                         "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0", "MLFLOW_CONFIGURE_LOGGING": "false",

@@ -16,7 +16,8 @@ from ray import cloudpickle
 from orchestrator import resume
 from orchestrator.errors import SpaceError, SweepError
 from orchestrator.space import SweepSpace, load_space
-from orchestrator.sweep import build_parser, main, make_plan, run_sweep
+from orchestrator.plan import make_plan
+from orchestrator.sweep import build_parser, main, run_sweep
 from sweep_checks import ROOT, TINY, write_space
 
 pytestmark = pytest.mark.usefixtures("forbid_demo_pretraining")

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from orchestrator.report import best_per_cell, comparison_line, load_trials, paper_table, trials_for_setting
-from test_report import (  # noqa: F401 - restore_mlflow_tracking_uri is autouse: undoes load_trials' global tracking URI
+from report_checks import (  # noqa: F401 - restore_mlflow_tracking_uri is autouse: undoes load_trials' global tracking URI
     BASE, DKD, KD, FakeTrial, make_sweep, restore_mlflow_tracking_uri, run_main,
 )
 

@@ -18,10 +18,11 @@ from orchestrator import capacity, sweep
 from orchestrator.capacity import Fit, NodeType, node_types, plan_fit, trial_demand
 from orchestrator.pruning import CellStudies, OptunaPruningScheduler, PerCellOptunaSearch
 from orchestrator.space import SpaceError, SweepSpace, available_spaces, load_space
-from orchestrator.sweep import SweepError, main, make_plan
+from orchestrator.plan import make_plan
+from orchestrator.sweep import SweepError, main
 from orchestrator.artifacts import save_matrix_artifacts
 from orchestrator.tracking import flatten, trial_status
-from search_spaces import full, paper, smoke
+from search_spaces import demo_seeds, full, paper, smoke
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -828,6 +829,22 @@ def test_the_defaults_of_the_smoke_spaces_tuned_settings_are_the_methods_own():
     assert smoke.SPACE.default_params(cells["kd"]) == {"alpha": 0.5, "temperature": 2.0}
     assert smoke.SPACE.default_params(cells["dcdl"]) == {"alpha": 0.5, "temperature": 2.0, "kd_layers": 12, "kd_length": 6}
     assert smoke.SPACE.default_params(cells["none"]) == {}
+
+
+def test_demo_seeds_tunes_the_student_alone_with_the_kd_cells_budget_over_its_own_knobs(tmp_path):
+    space = demo_seeds.SPACE.validate()
+    searcher = PerCellOptunaSearch(space, CellStudies(space, "seeds", f"sqlite:///{tmp_path / 'optuna.db'}"))
+    configs = [searcher.suggest(f"t{i}") for i in range(2 * len(searcher.cells))]  # breadth first: two per cell
+    alone = [c for c in configs if searcher.cells[c["cell"]].kd == "none"]
+    assert len(alone) == 6 and {space.trials_for(searcher.cells[c["cell"]]) for c in configs} == {3}
+    for config in alone:
+        run = config["run"]
+        if config["optuna_trial"] == 0:  # the defaults: Adam's 1e-3 (DESIGN.md section 2) and CODA's 8-token prompts
+            assert config["setting"] == "default" and config["tuned"] == {"lr": 1e-3, "prompt_length": 8}
+        else:
+            assert config["setting"] == "tuned" and 3e-4 <= config["tuned"]["lr"] <= 3e-3
+        assert run["train"]["lr"] == config["tuned"]["lr"] and run["prompt"]["params"]["length"] == config["tuned"]["prompt_length"]
+    assert sorted(c["optuna_trial"] for c in alone) == [0, 0, 0, 1, 1, 1]
 
 
 def test_a_tune_that_computes_a_setting_from_a_suggestion_is_refused_with_the_fix(tmp_path):
