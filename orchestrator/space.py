@@ -227,13 +227,16 @@ class _ParamNames:
 
 
 def _default_setting(config: RunConfig, dotted: str) -> Any:
-    """A setting's value in a validated config, method parameters resolved to their defaults."""
+    """A setting's value in a validated config, method parameters resolved to their defaults as they run (D-CDL's
+    layers capped at the student's depth)."""
     from cdl_core.catalog.distill import resolve_kd_params
+    from cdl_core.catalog.presets import get_preset
     from cdl_core.catalog.prompts import resolve_prompt_params
 
     section, _, rest = dotted.partition(".")
     if section == "distill" and rest.startswith("params."):
-        name, params = rest.removeprefix("params."), resolve_kd_params(config.distill.method, config.distill.params)
+        params = resolve_kd_params(config.distill.method, config.distill.params).in_effect(get_preset(config.student.preset))
+        name = rest.removeprefix("params.")
         if getattr(params, name) is None and hasattr(params, "resolved"):  # derived from the prompt method (CDL-Prompt's sizes)
             prompt = resolve_prompt_params(config.prompt.method, config.prompt.params)
             return params.resolved(prompt, DATASETS[config.data.name].n_tasks(config.data.n_tasks))[name]

@@ -4,7 +4,7 @@ D-CDL and CDL-Prompt — so that the report's paired gains (seed by seed against
 its defaults first. The KD cells tune their KD settings as in `smoke`; the student alone tunes its own knobs, the
 step size and the prompts' length (a KD cell cannot tune the step size without losing its shared teacher: the
 teacher trains with it). So `report` compares tuned with tuned, and `report --setting default` default with default.
-About 20 minutes on 2 CPU cores."""
+About 10 minutes on 2 CPU cores (9.4 with pruning, 2026-12-02)."""
 from dataclasses import replace
 
 from search_spaces.smoke import SPACE as SMOKE

@@ -2,7 +2,7 @@
 modules are in cdl_core.distill."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 from cdl_core.catalog.params import at_least_one, even_length, resolve_method_params
@@ -29,6 +29,10 @@ class KDParams:
 
     def check_backbones(self, student: BackbonePreset, teacher: BackbonePreset) -> None:
         """What the two backbones' shapes decide; raise ConfigError."""
+
+    def in_effect(self, student: BackbonePreset) -> "KDParams":
+        """The parameters as they run on `student` (a setting the backbone caps, capped)."""
+        return self
 
 
 def _same_tokens(method: str, student: BackbonePreset, teacher: BackbonePreset) -> None:
@@ -99,6 +103,9 @@ class DCDLParams(KDParams):
     def check(self) -> None:
         at_least_one(SECTION, "layers", self.layers, " (layer 0 holds the KD token)")
         even_length(SECTION, "length", self.length)
+
+    def in_effect(self, student: BackbonePreset) -> "DCDLParams":
+        return replace(self, layers=min(self.layers, student.depth))
 
 
 @dataclass(frozen=True)
