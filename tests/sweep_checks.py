@@ -157,11 +157,17 @@ def rows_so_far(workdir: Path, name: str) -> dict[str, list[dict]]:
         return {}
 
 
-def sweep_cli(cluster, workdir: Path, *args: str, log: str = "sweep.log", env: dict[str, str] | None = None) -> subprocess.Popen:
+# Tune copies each trial's result.json into the sweep's storage, where these tests watch a running sweep, when it
+# snapshots the experiment: on its own period (10 s and more) short test trials would be done before a test saw the
+# report it waits for. Snapshotting at every step of Tune's loop shows each report at once.
+WATCHED = {"TUNE_GLOBAL_CHECKPOINT_S": "0"}
+
+
+def sweep_cli(cluster, workdir: Path, *args: str, log: str = "sweep.log") -> subprocess.Popen:
     """The sweep's CLI in its own process group, joined to `cluster` (.address, .env) as on a cluster's head."""
     return subprocess.Popen(
         [sys.executable, "-m", "orchestrator.sweep", "--address", cluster.address, *args],
-        cwd=workdir, env=cluster.env | (env or {}), stdout=(workdir / log).open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=workdir, env=cluster.env | WATCHED, stdout=(workdir / log).open("w"), stderr=subprocess.STDOUT, start_new_session=True,
     )
 
 
@@ -170,10 +176,7 @@ def one_trial_at_task_2(cluster, workdir: Path, name: str, kd: str) -> tuple[sub
     on until it has reported task 2: (the driver, the trial's rows so far)."""
     space = write_space(workdir, name, KD_ALPHA, pairs=[("demo-t", "demo-s")], kd_methods=[kd], trials_per_cell=1,
                         pruner="none", pruner_args={}, base=TINY | {"data.train_per_class": 30, "train.epochs": 2})
-    # Tune copies a trial's result.json into the sweep's storage, where the test reads it, when it snapshots the
-    # experiment: on its own period (10 s and more) the trial's five short tasks would be done before the test saw
-    # task 2. A snapshot every second shows each report at once.
-    driver = sweep_cli(cluster, workdir, "--space", space, "--name", name, env={"TUNE_GLOBAL_CHECKPOINT_S": "1"})
+    driver = sweep_cli(cluster, workdir, "--space", space, "--name", name)
 
     def reported_task_2():
         return next((rows for rows in rows_so_far(workdir, name).values() if len(rows) >= 2), None)

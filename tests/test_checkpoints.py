@@ -1,6 +1,7 @@
 """Which task checkpoints the sweep keeps (orchestrator.checkpoints): a finished trial's older ones go, but only
-once two experiment snapshots have begun since it finished (or the sweep's last, awaited one); a running trial
-keeps all of its own. Fake trials on a real folder; the sweep e2e test checks the same through Tune."""
+once two experiment snapshots have begun since it finished and 30 s have passed (or at the sweep's last, awaited
+snapshot); a running trial keeps all of its own. Fake trials on a real folder and a fake clock; the sweep e2e test
+checks the same through Tune."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +9,7 @@ from types import SimpleNamespace
 
 from ray import tune
 
-from orchestrator.checkpoints import CheckpointPruner
+from orchestrator.checkpoints import UPLOAD_GRACE_S, CheckpointPruner
 
 
 def trial_with_checkpoints(root: Path, trial_id: str, tasks: int) -> SimpleNamespace:
@@ -25,13 +26,26 @@ def kept(trial: SimpleNamespace) -> list[str]:
     return sorted(path.name for path in trial.dir.iterdir())
 
 
-def test_a_finished_trial_keeps_only_its_latest_checkpoint_after_two_snapshots(tmp_path):
-    pruner = CheckpointPruner()
+class Clock:
+    now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_finished_trial_keeps_only_its_latest_checkpoint_after_two_snapshots_and_the_upload_grace(tmp_path):
+    clock = Clock()
+    pruner = CheckpointPruner(clock)
     finished, running = trial_with_checkpoints(tmp_path, "a", 4), trial_with_checkpoints(tmp_path, "b", 3)
     everything = kept(finished)
     pruner.on_trial_complete(0, [], finished)
+    clock.now += UPLOAD_GRACE_S / 3
     pruner.get_state()  # the snapshot recording it finished is being written: it may not be on storage yet
     assert kept(finished) == everything
+    clock.now += UPLOAD_GRACE_S / 3
+    pruner.get_state()  # a second one, but the first one's upload may still be under way
+    assert kept(finished) == everything
+    clock.now += UPLOAD_GRACE_S / 3
     pruner.get_state()
     assert kept(finished) == ["checkpoint_000003", "result.json"]
     assert (finished.dir / "checkpoint_000003" / "run_state.pt").read_bytes() == b"state"

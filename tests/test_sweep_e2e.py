@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from orchestrator.sweep import main
 from sweep_checks import (
     COMPLETE, KD_ALPHA, PRUNED, ROOT, TINY, check_optuna_matches_mlflow, check_tracked_sweep, free_port, mlflow_runs,
-    MlflowServer, optuna_trials, reported_tasks, steps, teacher_runs, tune_rows, write_space,
+    WATCHED, MlflowServer, optuna_trials, reported_tasks, steps, teacher_runs, tune_rows, write_space,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("forbid_demo_pretraining")]
@@ -125,7 +125,7 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(workdir)
     n_tasks = 5
     space = write_space(workdir, "resumable", RESUMABLE, pairs=[(None, "demo-s")], kd_methods=[], trials_per_cell=3,
                         pruner="none", pruner_args={}, base=TINY | {"data.train_per_class": 40})
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": str(ROOT)}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": str(ROOT)} | WATCHED
     log = (workdir / "first.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "orchestrator.sweep", "--space", space, "--name", "resume1", "--max-concurrent", "1"],
@@ -308,6 +308,11 @@ def run_in_thread(argv: list[str]) -> tuple[threading.Thread, dict]:
     return thread, outcome
 
 
+def watch_tune_results(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in WATCHED.items():  # see sweep_checks.WATCHED
+        monkeypatch.setenv(name, value)
+
+
 def wait_for_task(experiment: Path, task: int, thread: threading.Thread, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while not any(len(tasks) >= task for tasks in reported_tasks(experiment).values()):
@@ -319,7 +324,8 @@ def wait_for_task(experiment: Path, task: int, thread: threading.Thread, timeout
 OUTAGE_BASE = TINY | {"data.train_per_class": 40, "train.epochs": 2}  # a few seconds per task
 
 
-def test_trials_keep_training_while_mlflow_is_down_and_every_metric_arrives_once_when_it_is_back(workdir):
+def test_trials_keep_training_while_mlflow_is_down_and_every_metric_arrives_once_when_it_is_back(workdir, monkeypatch):
+    watch_tune_results(monkeypatch)
     server = MlflowServer(workdir)
     server.start()
     try:
@@ -342,7 +348,8 @@ def test_trials_keep_training_while_mlflow_is_down_and_every_metric_arrives_once
         server.stop()
 
 
-def test_a_sweep_whose_mlflow_never_comes_back_ends_with_a_clear_error_and_results_in_tune_storage(workdir, capsys):
+def test_a_sweep_whose_mlflow_never_comes_back_ends_with_a_clear_error_and_results_in_tune_storage(workdir, capsys, monkeypatch):
+    watch_tune_results(monkeypatch)
     server = MlflowServer(workdir)
     server.start()
     space = write_space(workdir, "gone", KD_ALPHA, pairs=[(None, "demo-s")], kd_methods=[], trials_per_cell=1,
