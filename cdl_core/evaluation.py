@@ -36,19 +36,21 @@ class Evaluator:
         model = frozen.teacher if role == "teacher" else frozen.student
         needs_teacher = role == "student" and model.kd is not None and model.kd.needs_teacher_at_eval
         correct = total = 0
-        known = self._queries.get(id(dataset))
-        queries = []
+        queries = self._queries.get(id(dataset))
+        first = queries is None
+        if first:
+            queries = []
         for batch, (images, targets) in enumerate(self.loader(dataset)):
             images, targets = images.to(frozen.device), targets.to(frozen.device)
-            if known is None:
+            if first:
                 queries.append(frozen.queries(images))
-            student_q, teacher_q = known[batch] if known is not None else queries[-1]
+            student_q, teacher_q = queries[batch]
             teacher = frozen.teacher_signal(images, teacher_q, t, merged="current", train=False) if needs_teacher else None
             with frozen.autocast():
                 query = teacher_q if role == "teacher" else student_q
                 logits = model.predict(model(images, query, t, train=False, teacher=teacher))
             correct += (logits[:, :seen].argmax(dim=1) == targets).sum().item()
             total += len(targets)
-        if known is None:
+        if first:
             self._queries[id(dataset)] = queries
         return 100.0 * correct / max(total, 1)

@@ -235,7 +235,7 @@ def _default_setting(config: RunConfig, dotted: str) -> Any:
 
     section, _, rest = dotted.partition(".")
     if section == "distill" and rest.startswith("params."):
-        params = resolve_kd_params(config.distill.method, config.distill.params).in_effect(get_preset(config.student.preset))
+        params = resolve_kd_params(config.distill.method, config.distill.params).in_effect(get_preset(config.student.preset).depth)
         name = rest.removeprefix("params.")
         if getattr(params, name) is None and hasattr(params, "resolved"):  # derived from the prompt method (CDL-Prompt's sizes)
             prompt = resolve_prompt_params(config.prompt.method, config.prompt.params)

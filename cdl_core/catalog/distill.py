@@ -30,8 +30,8 @@ class KDParams:
     def check_backbones(self, student: BackbonePreset, teacher: BackbonePreset) -> None:
         """What the two backbones' shapes decide; raise ConfigError."""
 
-    def in_effect(self, student: BackbonePreset) -> "KDParams":
-        """The parameters as they run on `student` (a setting the backbone caps, capped)."""
+    def in_effect(self, student_depth: int) -> "KDParams":
+        """The parameters as they run on a student of `student_depth` blocks (a setting the depth caps, capped)."""
         return self
 
 
@@ -104,8 +104,8 @@ class DCDLParams(KDParams):
         at_least_one(SECTION, "layers", self.layers, " (layer 0 holds the KD token)")
         even_length(SECTION, "length", self.length)
 
-    def in_effect(self, student: BackbonePreset) -> "DCDLParams":
-        return replace(self, layers=min(self.layers, student.depth))
+    def in_effect(self, student_depth: int) -> "DCDLParams":
+        return replace(self, layers=min(self.layers, student_depth))
 
 
 @dataclass(frozen=True)

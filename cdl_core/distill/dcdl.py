@@ -22,7 +22,7 @@ class DecoupledCDL(KDTokenMethod):
 
     def __init__(self, cfg: DistillConfig, params: DCDLParams, ctx: KDContext) -> None:
         super().__init__(cfg, params, ctx)
-        self.n_layers = min(params.layers, ctx.student_depth)  # DCDLParams.in_effect: the same cap
+        self.n_layers = params.in_effect(ctx.student_depth).layers
         self.token = uniform_parameter(1, 1, ctx.student_dim)  # layer 0's KD prompt
         # prefixes[i] belongs to layer i + 1
         self.prefixes = nn.ParameterList(uniform_parameter(1, params.length, ctx.student_dim) for _ in range(1, self.n_layers))
